@@ -1,0 +1,313 @@
+"""ResNet and ResNeXt as Flax Linen modules, numerically equal to torchvision's models.
+
+Layout is torchvision's (ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv), images
+are NHWC, and parameter names follow torchvision (`layer1_0/conv1` is `layer1.0.conv1`) so
+that converting weights is a plain name table (see `convert.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from resnet_jax.errors import UserError
+
+ModuleDef = Any
+Dtype = Any
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. N(0, 2 / fan_out).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch.nn.Linear's default for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+class Conv(nn.Module):
+    """Bias-free 2-D convolution with PyTorch's explicit, symmetric zero padding."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    groups: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel_size, self.strides, self.padding
+        kernel = self.param(
+            "kernel", conv_init, (k, k, x.shape[-1] // self.groups, self.features), jnp.float32
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k == 1 and self.groups == 1:
+            # A 1x1 convolution is a matrix product over channels. Written as one, XLA:CPU
+            # computes its weight gradient as a plain matmul instead of a slow transposed
+            # convolution (about 2x faster ResNet-50 training on CPU).
+            return jnp.dot(x[:, ::s, ::s, :], kernel[0, 0])
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(s, s),
+            padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with torch's semantics: eps 1e-5, momentum 0.1 in torch's convention, and
+    the running variance updated with the unbiased batch variance (Flax's BatchNorm uses the
+    biased one). Statistics and parameters stay float32 whatever the compute dtype."""
+
+    use_running_average: bool
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    scale_init: Callable = nn.initializers.ones
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            # One pass over x (E[x^2] - E[x]^2); clamp the tiny negatives rounding can give.
+            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
+
+
+class Downsample(nn.Module):
+    """The shortcut's 1x1 conv + BatchNorm (torchvision's `downsample.0` / `downsample.1`)."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(self.features, 1, self.strides, name="conv")(x)
+        return self.norm(name="bn")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
+
+    expansion: ClassVar[int] = 1
+
+    planes: int
+    strides: int
+    downsample: bool
+    conv: ModuleDef
+    norm: ModuleDef
+    groups: int = 1
+    width_per_group: int = 64
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.groups != 1 or self.width_per_group != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64.")
+        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        out = self.conv(self.planes, 3, self.strides, padding=1, name="conv1")(x)
+        out = nn.relu(self.norm(name="bn1")(out))
+        out = self.conv(self.planes, 3, padding=1, name="conv2")(out)
+        out = self.norm(scale_init=last_scale, name="bn2")(out)
+        if self.downsample:
+            x = Downsample(self.planes, self.strides, self.conv, self.norm, name="downsample")(x)
+        return nn.relu(out + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided, grouped for ResNeXt), 1x1 expand x4: ResNet-50 and deeper."""
+
+    expansion: ClassVar[int] = 4
+
+    planes: int
+    strides: int
+    downsample: bool
+    conv: ModuleDef
+    norm: ModuleDef
+    groups: int = 1
+    width_per_group: int = 64
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
+        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        out = self.conv(width, 1, name="conv1")(x)
+        out = nn.relu(self.norm(name="bn1")(out))
+        out = self.conv(width, 3, self.strides, padding=1, groups=self.groups, name="conv2")(out)
+        out = nn.relu(self.norm(name="bn2")(out))
+        out = self.conv(self.planes * self.expansion, 1, name="conv3")(out)
+        out = self.norm(scale_init=last_scale, name="bn3")(out)
+        if self.downsample:
+            features = self.planes * self.expansion
+            x = Downsample(features, self.strides, self.conv, self.norm, name="downsample")(x)
+        return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+    """The ResNet/ResNeXt trunk: stem, four stages (`layer1`..`layer4`), pooling and `fc`.
+
+    `frozen_stages` (-1: none, 0: the stem, k: the stem and layer1..layerk) makes those parts
+    use their running BatchNorm statistics even when `train=True` and stops gradients at their
+    output, as transfer learning with a frozen backbone wants.
+    """
+
+    block: type[nn.Module]
+    layers: Sequence[int]
+    num_classes: int = 1000
+    include_top: bool = True
+    groups: int = 1
+    width_per_group: int = 64
+    zero_init_residual: bool = False
+    frozen_stages: int = -1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """NHWC images -> logits (float32), or the layer4 feature map if `include_top=False`."""
+        conv = partial(Conv, dtype=self.dtype)
+
+        def norm(stage: int) -> ModuleDef:
+            frozen = stage <= self.frozen_stages
+            return partial(BatchNorm, use_running_average=frozen or not train, dtype=self.dtype)
+
+        def end_of_stage(x: jax.Array, stage: int) -> jax.Array:
+            return lax.stop_gradient(x) if train and stage == self.frozen_stages else x
+
+        x = conv(64, 7, 2, padding=3, name="conv1")(x)
+        x = nn.relu(norm(0)(name="bn1")(x))
+        # Flax pads max-pooling with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = end_of_stage(x, 0)
+
+        in_features = 64
+        for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
+            for i in range(depth):
+                strides = 2 if stage > 1 and i == 0 else 1
+                out_features = planes * self.block.expansion
+                x = self.block(
+                    planes,
+                    strides,
+                    downsample=strides != 1 or in_features != out_features,
+                    conv=conv,
+                    norm=norm(stage),
+                    groups=self.groups,
+                    width_per_group=self.width_per_group,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"layer{stage}_{i}",
+                )(x)
+                in_features = out_features
+            x = end_of_stage(x, stage)
+
+        if not self.include_top:
+            return x
+        x = jnp.mean(x, axis=(1, 2))
+        init = torch_linear_init(x.shape[-1])
+        x = nn.Dense(
+            self.num_classes, dtype=self.dtype, kernel_init=init, bias_init=init, name="fc"
+        )(x)
+        return x.astype(jnp.float32)
+
+
+def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
+    """Global-average-pooled layer4 features, (N, 512) or (N, 2048): the input of `fc`."""
+    trunk = model.clone(include_top=False)
+    return jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2)).astype(jnp.float32)
+
+
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18. Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34."""
+    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50 (v1.5)."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101 (v1.5)."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152 (v1.5)."""
+    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+def resnext50_32x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d: 32 groups of width 4 in the first stage."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4, **kwargs)
+
+
+def resnext101_32x8d(**kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x8d."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, **kwargs)
+
+
+def resnext101_64x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-101 64x4d."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4, **kwargs)
+
+
+def wide_resnet50_2(**kwargs: Any) -> ResNet:
+    """Wide ResNet-50-2: bottlenecks twice as wide inside."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), width_per_group=128, **kwargs)
+
+
+def wide_resnet101_2(**kwargs: Any) -> ResNet:
+    """Wide ResNet-101-2."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), width_per_group=128, **kwargs)
+
+
+ARCHS: dict[str, Callable[..., ResNet]] = {
+    f.__name__: f
+    for f in (
+        resnet18, resnet34, resnet50, resnet101, resnet152,
+        resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
+        wide_resnet50_2, wide_resnet101_2,
+    )
+}  # fmt: skip
+
+
+def create_model(arch: str, **kwargs: Any) -> ResNet:
+    """The model named `arch` (a key of `ARCHS`), or a UserError listing the known names."""
+    if arch not in ARCHS:
+        raise UserError(f"Unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}.")
+    return ARCHS[arch](**kwargs)

@@ -1,0 +1,178 @@
+"""The Flax models against torchvision: sizes, initialisation, train/eval forward, gradients."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch_reference import nchw, randomised_torch_model, relative_error
+
+from resnet_jax import (
+    ARCHS,
+    Bottleneck,
+    ResNet,
+    UserError,
+    create_model,
+    pooled_features,
+    resnet18,
+    resnet50,
+)
+from resnet_jax.convert import torch_to_flax
+
+# torchvision's parameter counts (1000 classes).
+PARAM_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+}
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_init(model, size=32):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_parameter_count_equals_torchvision(name):
+    assert ARCHS[name] is getattr(__import__("resnet_jax"), name)
+    assert count(abstract_init(ARCHS[name]())["params"]) == PARAM_COUNTS[name]
+
+
+def test_variables_are_params_and_batch_stats_in_float32_whatever_the_dtype():
+    variables = abstract_init(resnet18(num_classes=7, dtype=jnp.bfloat16))
+    assert set(variables) == {"params", "batch_stats"}
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    assert variables["params"]["fc"]["kernel"].shape == (512, 7)
+    assert set(variables["params"]["layer2_0"]["downsample"]) == {"conv", "bn"}
+    assert variables["batch_stats"]["layer4_1"]["bn2"]["var"].shape == (512,)
+
+
+def test_initialisation_follows_torchvision():
+    model = resnet50(zero_init_residual=True)
+    v = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    kernel = np.asarray(v["params"]["layer3_0"]["conv2"]["kernel"])  # 3x3, 256 -> 256
+    assert kernel.std() == pytest.approx(np.sqrt(2.0 / (3 * 3 * 256)), rel=0.02)  # Kaiming fan_out
+    assert abs(kernel.mean()) < 1e-3
+    fc = v["params"]["fc"]
+    bound = 1 / np.sqrt(2048)
+    for leaf in (fc["kernel"], fc["bias"]):
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.9 * bound
+    assert np.all(v["params"]["layer1_0"]["bn3"]["scale"] == 0)  # zero_init_residual
+    assert np.all(v["params"]["layer1_0"]["bn1"]["scale"] == 1)
+    assert np.all(v["batch_stats"]["bn1"]["var"] == 1) and np.all(
+        v["batch_stats"]["bn1"]["mean"] == 0
+    )
+
+
+# Deep random networks in train mode are chaotic in float32 (torch's own float32 gradients of
+# resnext50 differ from its float64 ones by ~10%), so the grouped Bottleneck is checked on a
+# one-block-per-stage ResNeXt, where torch float32 and float64 agree to ~5e-6.
+TRAIN_MODELS = {
+    "resnet18": resnet18,
+    "resnext14_32x4d": partial(ResNet, Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_MODELS))
+def test_train_mode_matches_torch_outputs_running_stats_and_gradients(name):
+    tmodel = randomised_torch_model(name, num_classes=5).train()
+    variables = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})
+    x = np.random.RandomState(0).randn(4, 64, 64, 3).astype(np.float32)
+    labels = np.array([0, 3, 1, 4])
+
+    tlogits = tmodel(nchw(x))
+    torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels)).backward()
+    tgrads = {n: p.grad.numpy() for n, p in tmodel.named_parameters()}
+    tstats = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})["batch_stats"]
+
+    model = TRAIN_MODELS[name](num_classes=5)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        onehot = jax.nn.one_hot(labels, 5)
+        return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), (logits, updates)
+
+    grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+    # Batch statistics over few values amplify float32 rounding, so train mode gets 1e-4 like the
+    # gradients (eval mode is held to 1e-5 in test_convert.py).
+    assert relative_error(logits, tlogits.detach().numpy()) <= 1e-4
+
+    for got, want in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(tstats)):
+        assert relative_error(got, want) <= 1e-4
+
+    tgrads_flax = torch_to_flax(tgrads)["params"]
+    flat_got = jax.tree_util.tree_leaves_with_path(grads)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(tgrads_flax))
+    assert len(flat_got) == len(flat_want)
+    for path, got in flat_got:
+        err = relative_error(got, flat_want[path])
+        assert err <= 1e-4, (jax.tree_util.keystr(path), err)
+
+
+def test_include_top_false_gives_layer4_map_and_pooled_features_match_torch():
+    tmodel = randomised_torch_model("resnet18").eval()
+    variables = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})
+    x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+    fmap = resnet18(include_top=False).apply(variables, x)
+    assert fmap.shape == (2, 2, 2, 512)
+    feats = pooled_features(resnet18(), variables, x)
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(tmodel.children())[:-1])
+        ref = trunk(nchw(x)).flatten(1).numpy()
+    np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_frozen_stages_use_running_stats_and_stop_gradients():
+    model = resnet18(num_classes=3, frozen_stages=2)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    v = model.init(jax.random.key(1), x)
+
+    def loss(params):
+        out, upd = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+        return out.sum(), upd
+
+    grads, upd = jax.grad(loss, has_aux=True)(v["params"])
+    for name in ("bn1", "layer1_0", "layer2_1"):
+        assert all(np.all(g == 0) for g in jax.tree.leaves(grads[name])), name
+        assert jax.tree.all(
+            jax.tree.map(np.array_equal, upd["batch_stats"][name], v["batch_stats"][name])
+        )
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads["layer3_0"]))
+    changed = jax.tree.map(
+        np.array_equal, upd["batch_stats"]["layer3_0"], v["batch_stats"]["layer3_0"]
+    )
+    assert not jax.tree.all(changed)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    model32, model16 = resnet18(num_classes=4), resnet18(num_classes=4, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    v = model32.init(jax.random.key(1), x)
+    out32, out16 = model32.apply(v, x), model16.apply(v, x)
+    assert out16.dtype == jnp.float32
+    assert (
+        np.abs(np.asarray(out16) - np.asarray(out32)).max()
+        < 0.05 * np.abs(np.asarray(out32)).max() + 0.05
+    )
+
+
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(UserError, match="resnet34"):
+        create_model("resnet35")
