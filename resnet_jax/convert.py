@@ -1,0 +1,197 @@
+"""torchvision state dicts <-> Flax variables: a name rule, a layout rule, and validation.
+
+Names: `layer1.0.conv1.weight` <-> `params/layer1_0/conv1/kernel`; a shortcut's
+`downsample.0` / `downsample.1` <-> `downsample/conv` / `downsample/bn`.
+Layouts: conv OIHW <-> HWIO (grouped convs too), fc (out, in) <-> (in, out), BatchNorm
+weight/bias/running_mean/running_var <-> scale/bias/mean/var. `num_batches_tracked` is only
+used by torch when momentum=None, so it is dropped on the way in and written as 0 on the way out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.errors import UserError
+from resnet_jax.models import ARCHS, BasicBlock, Bottleneck
+
+Variables = dict[str, Any]
+
+# (torch leaf name, rank) -> (Flax collection, Flax leaf name)
+_LEAVES = {
+    ("weight", 4): ("params", "kernel"),  # conv
+    ("weight", 2): ("params", "kernel"),  # fc
+    ("weight", 1): ("params", "scale"),  # BatchNorm
+    ("bias", 1): ("params", "bias"),
+    ("running_mean", 1): ("batch_stats", "mean"),
+    ("running_var", 1): ("batch_stats", "var"),
+}
+_TORCH_LEAF = {(col, leaf, rank): name for (name, rank), (col, leaf) in _LEAVES.items()}
+_DOWNSAMPLE = {"0": "conv", "1": "bn"}
+_DOWNSAMPLE_BACK = {v: k for k, v in _DOWNSAMPLE.items()}
+
+# Layout rule by rank: conv OIHW -> HWIO, fc (out, in) -> (in, out), vectors unchanged.
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+
+
+def _flax_path(key: str, rank: int) -> tuple[str, ...]:
+    """`layer1.0.downsample.1.running_var` -> ('batch_stats', 'layer1_0', 'downsample', 'bn', 'var')."""
+    *modules, leaf = key.split(".")
+    if (leaf, rank) not in _LEAVES or not re.fullmatch(r"conv1|bn1|fc|layer\d+", modules[0]):
+        raise UserError(f"Checkpoint key '{key}' is not part of a torchvision ResNet.")
+    path: list[str] = []
+    for part in modules:
+        if part.isdigit() and path and path[-1].startswith("layer"):
+            path[-1] = f"{path[-1]}_{part}"
+        elif part.isdigit() and path and path[-1] == "downsample":
+            path.append(_DOWNSAMPLE.get(part, part))
+        else:
+            path.append(part)
+    collection, flax_leaf = _LEAVES[(leaf, rank)]
+    return (collection, *path, flax_leaf)
+
+
+def _torch_key(path: tuple[str, ...], rank: int) -> str:
+    """The inverse of `_flax_path`."""
+    collection, *modules, leaf = path
+    parts: list[str] = []
+    for m in modules:
+        if m.startswith("layer") and "_" in m:
+            parts.extend(m.split("_"))
+        elif parts and parts[-1] == "downsample":
+            parts.append(_DOWNSAMPLE_BACK[m])
+        else:
+            parts.append(m)
+    return ".".join([*parts, _TORCH_LEAF[(collection, leaf, rank)]])
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            flat.update(_flatten(dict(v), (*prefix, k)))
+        else:
+            flat[(*prefix, k)] = v
+    return flat
+
+
+def torch_to_flax(state_dict: dict[str, np.ndarray]) -> Variables:
+    """A torchvision ResNet state dict (numpy arrays) -> {'params': ..., 'batch_stats': ...}."""
+    variables: Variables = {"params": {}, "batch_stats": {}}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        value = np.asarray(value)
+        path = _flax_path(key, value.ndim)
+        # A copy: arrays that alias the caller's (e.g. torch tensors) must not change under us.
+        _set(variables, path, np.array(value.transpose(_TO_FLAX[value.ndim]), order="C"))
+    return variables
+
+
+def flax_to_torch(variables: Variables) -> dict[str, np.ndarray]:
+    """Flax variables -> a state dict with torchvision's names and layouts (numpy arrays)."""
+    state_dict: dict[str, np.ndarray] = {}
+    for path, value in _flatten({k: variables[k] for k in ("params", "batch_stats")}).items():
+        value = np.asarray(value)
+        key = _torch_key(path, value.ndim)
+        state_dict[key] = np.ascontiguousarray(value.transpose(_TO_TORCH[value.ndim]))
+        if key.endswith(".running_var"):
+            state_dict[key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+    return state_dict
+
+
+def _spec(arch: str) -> tuple[type, tuple[int, ...], int, int]:
+    model = ARCHS[arch]()
+    return model.block, tuple(model.layers), model.groups, model.width_per_group
+
+
+def detect_arch(state_dict: dict[str, Any]) -> str:
+    """The name of the factory (e.g. 'resnext50_32x4d') whose model a checkpoint belongs to."""
+    keys = [k for k in state_dict if k.startswith("layer")]
+    depths = tuple(
+        len({k.split(".")[1] for k in keys if k.split(".")[0] == f"layer{s}"}) for s in (1, 2, 3, 4)
+    )
+    if "layer1.0.conv2.weight" not in state_dict:
+        raise UserError(
+            "The checkpoint has no 'layer1.0.conv2.weight': it is not a torchvision ResNet."
+        )
+    block = Bottleneck if "layer1.0.conv3.weight" in state_dict else BasicBlock
+    groups, width_per_group = 1, 64
+    if block is Bottleneck:
+        # layer1's 3x3 conv is (width, width / groups, 3, 3) with width = width_per_group * groups.
+        out_ch, in_per_group = np.shape(state_dict["layer1.0.conv2.weight"])[:2]
+        groups = out_ch // in_per_group
+        width_per_group = in_per_group
+    for arch in ARCHS:
+        if _spec(arch) == (block, depths, groups, width_per_group):
+            return arch
+    raise UserError(
+        f"The checkpoint is not a known ResNet ({block.__name__} blocks, stage depths {depths}, "
+        f"groups {groups}, width per group {width_per_group}); known: {', '.join(ARCHS)}."
+    )
+
+
+def num_classes_of(variables: Variables) -> int | None:
+    """The size of the classification head, or None for weights without one."""
+    fc = variables.get("params", {}).get("fc")
+    return None if fc is None else int(np.shape(fc["bias"])[0])
+
+
+def expected_shapes(arch: str, num_classes: int | None = 1000) -> dict[tuple[str, ...], tuple]:
+    """Flattened variable path -> shape for `arch` (no head when `num_classes` is None)."""
+    model = ARCHS[arch](num_classes=num_classes or 1, include_top=num_classes is not None)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    return {path: tuple(v.shape) for path, v in _flatten(dict(shapes)).items()}
+
+
+def check_variables(variables: Variables, arch: str, num_classes: int | None = None) -> None:
+    """Raise a UserError listing missing, unexpected and wrongly-shaped tensors (torch names).
+
+    `num_classes=None` accepts whatever head the variables carry (or none at all).
+    """
+    if arch not in ARCHS:
+        raise UserError(f"Unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}.")
+    if num_classes is None:
+        num_classes = num_classes_of(variables)
+    want = expected_shapes(arch, num_classes)
+    have = {p: tuple(np.shape(v)) for p, v in _flatten(dict(variables)).items()}
+
+    def name(path: tuple[str, ...], shape: tuple) -> str:
+        return _torch_key(path, len(shape)) if len(shape) in _TO_TORCH else "/".join(path)
+
+    def torch_shape(shape: tuple) -> tuple:
+        return tuple(shape[i] for i in _TO_TORCH[len(shape)]) if len(shape) in _TO_TORCH else shape
+
+    missing = [name(p, s) for p, s in want.items() if p not in have]
+    unexpected = [name(p, s) for p, s in have.items() if p not in want]
+    wrong = [
+        f"{name(p, want[p])} {torch_shape(s)} (expected {torch_shape(want[p])})"
+        for p, s in have.items()
+        if p in want and s != want[p]
+    ]
+    if missing or unexpected or wrong:
+        problems = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
+            if items:
+                shown = ", ".join(items[:5]) + (
+                    f" and {len(items) - 5} more" if len(items) > 5 else ""
+                )
+                problems.append(f"{len(items)} {label}: {shown}")
+        raise UserError(f"These weights do not fit {arch}: " + "; ".join(problems) + ".")
