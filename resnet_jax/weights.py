@@ -1,0 +1,178 @@
+"""Save and load Flax variables (.msgpack, .safetensors, .pth) and fetch torchvision's ImageNet weights.
+
+`.msgpack` keeps the Flax tree as is; `.safetensors` is written with torchvision's names and
+layouts, so `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(p))` works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+from flax.core import unfreeze
+from tqdm import tqdm
+
+from resnet_jax.convert import flax_to_torch, torch_to_flax
+from resnet_jax.errors import UserError, atomic_write
+from resnet_jax.torch_format import load_torch_state_dict
+
+# torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py). The hex part of each file
+# name is a prefix of the file's sha256, the torch hub convention checked after download.
+WEIGHT_URLS: dict[str, str] = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "resnet152": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+    "resnext50_32x4d": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
+    "resnext101_32x8d": "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
+    "resnext101_64x4d": "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
+    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
+}
+TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails fast
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
+
+
+def save_variables(path: str | os.PathLike, variables: Any) -> None:
+    """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision names)."""
+    path = Path(path)
+    if path.suffix == ".msgpack":
+        data = serialization.msgpack_serialize(jax.device_get(unfreeze(variables)))
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import save
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in flax_to_torch(variables).items()}
+        data = save(tensors, metadata={"format": "pt"})
+    else:
+        raise UserError(f"Cannot save weights as {path}: use a .msgpack or .safetensors file name.")
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def load_variables(path: str | os.PathLike) -> dict:
+    """Read {'params', 'batch_stats'} from .msgpack, or from a torchvision .safetensors/.pth/.pt."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Weights file {path} does not exist; check the path.")
+    if path.suffix in TORCH_SUFFIXES:
+        return torch_to_flax(load_torch_state_dict(path))
+    if path.suffix != ".msgpack":
+        raise UserError(
+            f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth or .pt file."
+        )
+    try:
+        variables = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises assorted errors on damaged input
+        raise UserError(
+            f"{path} is damaged or not a Flax .msgpack file ({e}); save it again."
+        ) from e
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise UserError(f"{path} holds no Flax variables (no 'params' entry); check the file.")
+    return variables
+
+
+def default_cache_dir() -> Path:
+    """$RESNET_JAX_CACHE, else $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax."""
+    if os.environ.get("RESNET_JAX_CACHE"):
+        return Path(os.environ["RESNET_JAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_jax"
+
+
+def torch_hub_dir() -> Path:
+    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("TORCH_HOME") or Path(cache) / "torch") / "hub" / "checkpoints"
+
+
+def _hash_prefix(filename: str) -> str:
+    """`resnet18-f37072fd.pth` -> `f37072fd`: the part after the last '-' before the suffix."""
+    match = re.fullmatch(r".*-([0-9a-f]{6,64})\.[^.]+", filename)
+    if match is None:
+        raise UserError(
+            f"Cannot verify '{filename}': its name has no '-<sha256 prefix>' before the suffix."
+        )
+    return match.group(1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path, hash_prefix: str, progress: bool) -> None:
+    """Stream `url` into a temp file beside `target`; it becomes `target` only if the hash fits."""
+    digest = hashlib.sha256()
+    try:
+        target.unlink(missing_ok=True)  # a damaged earlier download, if any
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                disable=not progress,
+            )  # fmt: skip
+            with bar, atomic_write(target, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+                if not digest.hexdigest().startswith(hash_prefix):
+                    # Raising inside atomic_write deletes the temp file: nothing bad is kept.
+                    raise UserError(
+                        f"The file downloaded from {url} has sha256 {digest.hexdigest()[:12]}..., "
+                        f"not {hash_prefix}..., so it was deleted; try again, or pass a local "
+                        "file with --weights PATH."
+                    )
+    except _NETWORK_ERRORS as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"Could not download {url} ({reason}); check the connection, or pass a local file "
+            "with --weights PATH."
+        ) from e
+    except OSError as e:  # not the network: the cache folder
+        raise UserError(
+            f"Could not write {target} ({e.strerror or e}); set RESNET_JAX_CACHE to a writable "
+            "folder."
+        ) from e
+
+
+def pretrained_path(
+    arch: str,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    url: str | None = None,
+) -> Path:
+    """Path of torchvision's ImageNet weights for `arch`, downloaded once and sha256-checked.
+
+    Looks in `cache_dir` (default: `default_cache_dir()`) and torch hub's cache first. `url`
+    replaces `WEIGHT_URLS[arch]` (a mirror, or a local server in tests); its file name must keep
+    the `-<sha256 prefix>` part.
+    """
+    if url is None:
+        if arch not in WEIGHT_URLS:
+            raise UserError(
+                f"No pretrained weights for '{arch}'; choose one of: {', '.join(WEIGHT_URLS)}."
+            )
+        url = WEIGHT_URLS[arch]
+    filename = url.rsplit("/", 1)[-1]
+    hash_prefix = _hash_prefix(filename)
+    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = target / filename
+    for candidate in (target, torch_hub_dir() / filename):
+        if candidate.is_file() and _sha256(candidate).startswith(hash_prefix):
+            return candidate
+    _download(url, target, hash_prefix, progress)
+    return target

@@ -1,0 +1,354 @@
+"""load_torch_state_dict: bit-exact against torch, torch-free, and safe against malicious pickles."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+
+from resnet_jax.errors import UserError
+from resnet_jax.torch_format import (
+    LEGACY_MAGIC_NUMBER,
+    LEGACY_PROTOCOL_VERSION,
+    load_torch_state_dict,
+)
+
+
+def resnet18_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision resnet18 weights with BatchNorm running stats that are not the defaults."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.normal_()
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+        elif key.endswith("num_batches_tracked"):
+            value.fill_(int(torch.randint(1, 10_000, ())))
+    return state
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype we read, plus views that share, slice, transpose and broadcast one storage."""
+    torch.manual_seed(1)
+    base = torch.randn(5, 8)
+    return {
+        "f32": torch.randn(3, 4),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 3).bfloat16(),
+        "f64": torch.randn(4).double(),
+        "i64": torch.randint(-(2**40), 2**40, (3,)),
+        "i32": torch.randint(-1000, 1000, (2, 2), dtype=torch.int32),
+        "u8": torch.randint(0, 256, (6,), dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(12345),
+        "empty": torch.zeros(0, 3),
+        "base": base,
+        "row": base[2],  # shares base's storage, offset 16
+        "transposed": base.t(),  # non-contiguous
+        "sliced": base[1:4, 2::3],  # offset and strides
+        "broadcast": torch.randn(3, 1).expand(3, 4),  # stride 0
+        "param": torch.nn.Parameter(torch.randn(2)),
+    }
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).contiguous().numpy()
+
+
+def assert_bit_exact(arrays: dict[str, np.ndarray], tensors: dict[str, torch.Tensor]) -> None:
+    assert sorted(arrays) == sorted(tensors)
+    for key, tensor in tensors.items():
+        want, got = as_numpy(tensor), arrays[key]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), key
+        assert got.tobytes() == want.tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """Files written by torch (zip, legacy, safetensors) and the tensors each must give back."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    expected = {}
+    for name, tensors in (("resnet18", resnet18_state_dict()), ("mixed", mixed_tensors())):
+        torch.save(tensors, folder / f"{name}_zip.pth")
+        torch.save(tensors, folder / f"{name}_legacy.pth", _use_new_zipfile_serialization=False)
+        expected[f"{name}_zip.pth"] = expected[f"{name}_legacy.pth"] = tensors
+    # safetensors refuses shared storage, so save independent copies.
+    copies = {k: v.detach().clone().contiguous() for k, v in mixed_tensors().items()}
+    safetensors.torch.save_file(copies, folder / "mixed.safetensors")
+    expected["mixed.safetensors"] = copies
+    return folder, expected
+
+
+NO_TORCH_LOADER = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+sys.modules["torchvision"] = None
+import numpy as np
+from resnet_jax.torch_format import load_torch_state_dict
+folder = sys.argv[1]
+for name in sys.argv[2:]:
+    arrays = load_torch_state_dict(f"{folder}/{name}")
+    np.savez(f"{folder}/{name}.npz", **arrays)
+assert sys.modules["torch"] is None
+"""
+
+
+def test_loads_bit_exact_without_torch(checkpoints):
+    folder, expected = checkpoints
+    subprocess.run(
+        [sys.executable, "-c", NO_TORCH_LOADER, str(folder), *expected], check=True, timeout=120
+    )
+    for name, tensors in expected.items():
+        with np.load(folder / f"{name}.npz") as loaded:
+            assert_bit_exact(dict(loaded), tensors)
+
+
+def test_zip_and_legacy_formats_are_what_the_test_thinks(checkpoints):
+    folder, _ = checkpoints
+    assert zipfile.is_zipfile(folder / "resnet18_zip.pth")
+    with open(folder / "resnet18_legacy.pth", "rb") as f:
+        assert pickle.load(f) == LEGACY_MAGIC_NUMBER  # the magic-number pickle comes first
+
+
+def test_any_archive_folder_name(tmp_path):
+    tensors = {"w": torch.randn(3, 2)}
+    torch.save(tensors, tmp_path / "x.pth")
+    renamed = tmp_path / "renamed.pth"
+    with zipfile.ZipFile(tmp_path / "x.pth") as src, zipfile.ZipFile(renamed, "w") as dst:
+        for info in src.infolist():
+            dst.writestr("some_folder/" + info.filename.split("/", 1)[1], src.read(info))
+    assert_bit_exact(load_torch_state_dict(renamed), tensors)
+
+
+def test_big_endian_byteorder_record(tmp_path):
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    torch.save({"w": torch.from_numpy(values)}, tmp_path / "x.pth")
+    swapped = tmp_path / "big.pth"
+    with zipfile.ZipFile(tmp_path / "x.pth") as src, zipfile.ZipFile(swapped, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename:
+                data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+            dst.writestr(info.filename, data)
+    np.testing.assert_array_equal(load_torch_state_dict(swapped)["w"], values)
+
+
+class OldStorage:
+    """A storage as torch 0.x pickled it: by persistent id, possibly as a view of another."""
+
+    def __init__(self, key, numel, view=None):
+        self.key, self.numel, self.view = key, numel, view
+
+
+class OldTensor:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor, self.args  # the pre-0.4 rebuild function
+
+
+def write_old_legacy(path: Path, obj, storages: dict[str, np.ndarray]) -> None:
+    """Write a pre-1.6 file by hand, the way torch 0.3 did (no _rebuild_tensor_v2)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, OldStorage):
+                return ("storage", torch.FloatStorage, o.key, "cpu", o.numel, o.view)
+            return None
+
+    with open(path, "wb") as f:
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(sorted(storages), f, protocol=2)
+        f.writelines(struct.pack("<q", v.size) + v.tobytes() for _, v in sorted(storages.items()))
+
+
+def test_old_rebuild_tensor_and_storage_views(tmp_path):
+    data = np.arange(10, dtype=np.float32)
+    root = OldStorage("root", 10)
+    view = OldStorage("root", 10, view=("view", 2, 5))  # elements 2..6 of root
+    obj = collections.OrderedDict(
+        whole=OldTensor(root, 0, (2, 5), (5, 1)), part=OldTensor(view, 1, (2, 2), (2, 1))
+    )
+    write_old_legacy(tmp_path / "old.pth", obj, {"root": data})
+    loaded = load_torch_state_dict(tmp_path / "old.pth")
+    np.testing.assert_array_equal(loaded["whole"], data.reshape(2, 5))
+    np.testing.assert_array_equal(loaded["part"], data[3:7].reshape(2, 2))
+
+
+def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    obj = {"w": OldTensor(OldStorage("root", 4), 2, (3,), (1,))}
+    write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
+    with pytest.raises(UserError, match="damaged"):
+        load_torch_state_dict(tmp_path / "bad.pth")
+
+
+SMALL = {"fc.weight": torch.randn(2, 3), "fc.bias": torch.randn(2)}
+
+
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        {"state_dict": SMALL, "epoch": 3, "arch": "resnet18"},
+        {"model_state_dict": SMALL, "best_acc1": torch.tensor(76.1)},
+        {"model": SMALL},
+        {"state_dict": {"module." + k: v for k, v in SMALL.items()}},  # nn.DataParallel
+    ],
+    ids=["state_dict", "model_state_dict", "model", "module_prefix"],
+)
+def test_unwraps_training_checkpoints(tmp_path, wrapped):
+    torch.save(wrapped, tmp_path / "ckpt.pth")
+    assert_bit_exact(load_torch_state_dict(tmp_path / "ckpt.pth"), SMALL)
+
+
+def test_checkpoint_with_optimizer_state(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    ckpt = {"epoch": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    assert_bit_exact(load_torch_state_dict(tmp_path / "ckpt.pth"), model.state_dict())
+
+
+def test_no_state_dict_inside(tmp_path):
+    torch.save({"epoch": 3, "notes": "no tensors"}, tmp_path / "x.pth")
+    with pytest.raises(UserError, match="holds no state dict"):
+        load_torch_state_dict(tmp_path / "x.pth")
+
+
+class Evil:
+    """Unpickling this with plain pickle runs `func(arg)`."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+def evil_payloads(marker: Path) -> dict[str, tuple[object, str]]:
+    touch = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": (Evil(os.system, f"touch {marker}"), r"posix\.system"),
+        "builtins.eval": (Evil(eval, touch), r"builtin\w*\.eval"),  # __builtin__ in protocol 2
+        "builtins.exec": (Evil(exec, touch), r"builtin\w*\.exec"),
+    }
+
+
+def write_zip(path: Path, pickled: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+
+
+def write_legacy(path: Path, pickled: bytes, *, in_header: bool = False) -> None:
+    with open(path, "wb") as f:
+        if in_header:  # the payload replaces the magic number
+            f.write(pickled)
+            return
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        f.write(pickled)
+        pickle.dump([], f, protocol=2)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "builtins.exec"])
+@pytest.mark.parametrize("container", ["zip", "legacy", "legacy_header"])
+def test_malicious_pickle_is_refused_and_never_run(tmp_path, payload, container):
+    marker = tmp_path / "pwned"
+    evil, name_in_message = evil_payloads(marker)[payload]
+    protocol = pickle.HIGHEST_PROTOCOL if container == "zip" else 2  # STACK_GLOBAL and GLOBAL
+    pickled = pickle.dumps({"conv1.weight": evil}, protocol=protocol)
+    # The payload is live: plain pickle would create the marker.
+    pickle.loads(pickled)
+    assert marker.exists()
+    marker.unlink()
+
+    path = tmp_path / "evil.pth"
+    if container == "zip":
+        write_zip(path, pickled)
+    else:
+        write_legacy(path, pickled, in_header=container == "legacy_header")
+    with pytest.raises(UserError, match=name_in_message) as error:
+        load_torch_state_dict(path)
+    assert "state_dict()" in str(error.value)
+    assert not marker.exists()
+
+
+class TamperedTensor(OldTensor):
+    def __reduce__(self):  # a third item makes pickle run BUILD on the rebuilt tensor record
+        return torch._utils._rebuild_tensor_v2, self.args, {"stride": (-1,), "offset": 3}
+
+
+def test_pickle_cannot_rewrite_a_tensor_record(tmp_path):
+    obj = {"w": TamperedTensor(OldStorage("root", 4), 0, (4,), (1,), False, {})}
+    write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
+    with pytest.raises(UserError, match="damaged.*set the state"):
+        load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_whole_model_pickle_names_the_class(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
+    with pytest.raises(UserError, match="torch.nn.modules.linear.Linear"):
+        load_torch_state_dict(tmp_path / "model.pth")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated
+def test_torchscript_archive(tmp_path):
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "scripted.pt"))
+    with pytest.raises(UserError, match="TorchScript"):
+        load_torch_state_dict(tmp_path / "scripted.pt")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_torch_state_dict(tmp_path / "nope.pth")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pth").write_text("hello, I am a text file\n")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))  # a zip without data.pkl
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    for name in ("notes.pth", "arrays.npz", "plain.pkl"):
+        with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+            load_torch_state_dict(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["resnet18_zip.pth", "resnet18_legacy.pth", "mixed.safetensors"])
+def test_truncated_file(checkpoints, tmp_path, name):
+    folder, _ = checkpoints
+    data = (folder / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match="truncated"):
+        load_torch_state_dict(cut)
+
+
+def test_safetensors_by_content_and_bad_header(tmp_path):
+    copies = {"w": torch.randn(2, 2)}
+    safetensors.torch.save_file(copies, tmp_path / "weights.bin")
+    assert_bit_exact(load_torch_state_dict(tmp_path / "weights.bin"), copies)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}})
+    data = struct.pack("<Q", len(header)) + header.encode() + b"\0" * 8
+    (tmp_path / "short.safetensors").write_bytes(data)
+    with pytest.raises(UserError, match="damaged"):
+        load_torch_state_dict(tmp_path / "short.safetensors")

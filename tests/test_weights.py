@@ -1,0 +1,273 @@
+"""save_variables / load_variables round trips, atomic writes, and verified downloads."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from flax.core import freeze
+
+from resnet_jax import weights
+from resnet_jax.convert import torch_to_flax
+from resnet_jax.errors import UserError
+from resnet_jax.weights import WEIGHT_URLS, load_variables, pretrained_path, save_variables
+
+
+def assert_trees_equal(a, b) -> None:
+    assert isinstance(a, Mapping) == isinstance(b, Mapping)  # FrozenDict is a Mapping
+    if isinstance(a, Mapping):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert_trees_equal(a[k], b[k])
+    else:
+        a, b = np.asarray(a), np.asarray(b)
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        assert a.tobytes() == b.tobytes()
+
+
+def torchvision_resnet18() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.normal_()
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+    return state
+
+
+def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state.items()}
+
+
+SMALL = {
+    "params": {"conv1": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 2, 3, 2)}},
+    "batch_stats": {"bn1": {"mean": np.ones(2, np.float32), "var": np.full(2, 2.0)}},
+}
+
+
+def test_weight_urls_are_torchvisions_imagenet1k_v1():
+    assert len(WEIGHT_URLS) == 10
+    for arch, url in WEIGHT_URLS.items():
+        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+
+
+def test_msgpack_round_trip(tmp_path):
+    variables = {
+        "params": {"fc": {"kernel": jnp.ones((3, 2), jnp.bfloat16), "bias": jnp.zeros(2)}},
+        "batch_stats": freeze({"bn1": {"mean": np.arange(4, dtype=np.float64)}}),
+    }
+    save_variables(tmp_path / "v.msgpack", variables)
+    assert_trees_equal(load_variables(tmp_path / "v.msgpack"), variables)
+
+
+def test_safetensors_loads_into_torchvision_and_back(tmp_path):
+    state = torchvision_resnet18()
+    variables = torch_to_flax(numpy_state(state))
+    save_variables(tmp_path / "r18.safetensors", variables)
+
+    loaded = safetensors.torch.load_file(tmp_path / "r18.safetensors")
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(loaded, strict=True)  # every key, num_batches_tracked included
+    for key, tensor in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, state[key]), key
+
+    assert_trees_equal(load_variables(tmp_path / "r18.safetensors"), variables)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt"])
+def test_load_variables_from_torch_checkpoint(tmp_path, suffix):
+    state = torchvision_resnet18()
+    torch.save(state, tmp_path / f"r18{suffix}")
+    assert_trees_equal(load_variables(tmp_path / f"r18{suffix}"), torch_to_flax(numpy_state(state)))
+
+
+def test_unsupported_suffix_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(UserError, match=r"\.msgpack or \.safetensors"):
+        save_variables(tmp_path / "v.npz", SMALL)
+    assert not (tmp_path / "v.npz").exists()
+    (tmp_path / "v.h5").write_bytes(b"x")
+    with pytest.raises(UserError, match="use a .msgpack"):
+        load_variables(tmp_path / "v.h5")
+    with pytest.raises(UserError, match="does not exist"):
+        load_variables(tmp_path / "missing.msgpack")
+    save_variables(tmp_path / "v.msgpack", SMALL)
+    data = (tmp_path / "v.msgpack").read_bytes()
+    (tmp_path / "cut.msgpack").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="damaged"):
+        load_variables(tmp_path / "cut.msgpack")
+    save_variables(tmp_path / "other.msgpack", {"opt_state": {"mu": np.zeros(2)}})
+    with pytest.raises(UserError, match="no 'params'"):
+        load_variables(tmp_path / "other.msgpack")
+
+
+@pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"v{suffix}"
+    save_variables(path, SMALL)
+    before = path.read_bytes()
+
+    class DiskFull:
+        """Writes half of what it is given, then fails like a full disk."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    real_atomic_write = weights.atomic_write
+
+    @contextlib.contextmanager
+    def failing_atomic_write(target, mode="wb"):
+        with real_atomic_write(target, mode) as f:
+            yield DiskFull(f)
+
+    monkeypatch.setattr(weights, "atomic_write", failing_atomic_write)
+    changed = {**SMALL, "params": {"conv1": {"kernel": -SMALL["params"]["conv1"]["kernel"]}}}
+    with pytest.raises(OSError, match="No space"):
+        save_variables(path, changed)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
+
+
+# --- downloads from a local HTTP server ---
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Point our cache and torch hub's at empty folders."""
+    ours, hub = tmp_path / "cache", tmp_path / "torch_home" / "hub" / "checkpoints"
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(ours))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return ours, hub
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving the files put in the yielded folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def hashed_name(data: bytes, arch: str = "resnet18") -> str:
+    return f"{arch}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_verify_reuse_and_load(caches, server, tmp_path):
+    ours, _ = caches
+    base, folder = server
+    state = {"conv1.weight": torch.randn(4, 3, 3, 3), "bn1.running_mean": torch.randn(4)}
+    torch.save(state, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    name = hashed_name(data)
+    (folder / name).write_bytes(data)
+
+    path = pretrained_path("resnet18", progress=False, url=f"{base}/{name}")
+    assert path == ours / name and path.read_bytes() == data
+    assert sorted(p.name for p in ours.iterdir()) == [name]  # no temp file left
+    assert_trees_equal(load_variables(path), torch_to_flax(numpy_state(state)))
+
+    (folder / name).unlink()  # a second download would now fail with 404
+    assert pretrained_path("resnet18", progress=False, url=f"{base}/{name}") == path
+
+
+def test_explicit_cache_dir_and_damaged_cached_file_is_replaced(caches, server, tmp_path):
+    base, folder = server
+    data = b"weights" * 1000
+    name = hashed_name(data)
+    (folder / name).write_bytes(data)
+    cache = tmp_path / "elsewhere"
+    cache.mkdir()
+    (cache / name).write_bytes(data[:100])  # an interrupted download from long ago
+    path = pretrained_path("resnet18", cache_dir=cache, progress=False, url=f"{base}/{name}")
+    assert path == cache / name and path.read_bytes() == data
+
+
+def test_reuses_torch_hub_cache(caches):
+    _, hub = caches
+    data = b"from torch hub"
+    name = hashed_name(data)
+    hub.mkdir(parents=True)
+    (hub / name).write_bytes(data)
+    url = f"http://127.0.0.1:{free_port()}/{name}"  # nothing listens: must not be needed
+    assert pretrained_path("resnet18", progress=False, url=url) == hub / name
+
+
+def test_hash_mismatch_deletes_the_download(caches, server):
+    ours, _ = caches
+    base, folder = server
+    data = b"tampered"
+    assert not hashlib.sha256(data).hexdigest().startswith("00000000")
+    (folder / "resnet18-00000000.pth").write_bytes(data)
+    with pytest.raises(UserError, match="sha256.*deleted.*--weights PATH"):
+        pretrained_path("resnet18", progress=False, url=f"{base}/resnet18-00000000.pth")
+    assert list(ours.iterdir()) == []
+
+
+def test_http_error_names_url(caches, server):
+    base, _ = server
+    url = f"{base}/resnet18-12345678.pth"
+    with pytest.raises(UserError, match=f"{url}.*--weights PATH"):
+        pretrained_path("resnet18", progress=False, url=url)
+
+
+def test_unreachable_server_fails_fast(caches):
+    url = f"http://127.0.0.1:{free_port()}/resnet18-12345678.pth"
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        pretrained_path("resnet18", progress=False, url=url)
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert url in message and "--weights PATH" in message and "\n" not in message
+
+
+def test_unknown_arch_and_unhashed_name(caches):
+    with pytest.raises(UserError, match="resnet18, resnet34"):
+        pretrained_path("resnet19")
+    with pytest.raises(UserError, match="sha256 prefix"):
+        pretrained_path("resnet18", url="http://127.0.0.1:1/weights.pth")
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESNET_JAX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.default_cache_dir() == tmp_path / "xdg" / "resnet_jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert weights.default_cache_dir() == Path.home() / ".cache" / "resnet_jax"
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "mine"))
+    assert weights.default_cache_dir() == tmp_path / "mine"
