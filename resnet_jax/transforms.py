@@ -1,0 +1,194 @@
+"""Image loading and the torchvision ImageNet transforms, written with Pillow and NumPy.
+
+Each function reproduces the torchvision 0.29 algorithm it is named after, step for step, so the
+eval pipeline gives bit-identical uint8 pixels and float32 inputs equal to torchvision's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from resnet_jax.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _normalize_table() -> np.ndarray:
+    """torchvision's float32 ToTensor + Normalize result for every uint8 value: shape (256, 3)."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)  # Normalize casts to the tensor's dtype
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    return (np.arange(256, dtype=np.float32)[:, None] / 255 - mean) / std
+
+
+# uint8 has only 256 values, so normalising is a lookup. Unlike `x / 255` this stays exact inside
+# jax.jit, where XLA rewrites division by a constant as a multiplication by its reciprocal.
+_NORMALIZE_TABLE = _normalize_table()
+_CHANNELS = np.arange(3)
+
+
+class BadImage(UserError):
+    """An image file that Pillow cannot open or fully decode."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = "") -> None:
+        self.path = path
+        detail = f" ({reason})" if reason else ""
+        super().__init__(
+            f"{os.fspath(path)} is not a readable image{detail}; delete or replace that file."
+        )
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image and convert it to RGB exactly as torchvision's `pil_loader` does.
+
+    Like torchvision: no EXIF rotation, transparency dropped, 16-bit values clipped to 255.
+    """
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode everything now, so a truncated file fails here
+            return image.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise BadImage(path, "not a format Pillow recognises") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # Missing files and "image file is truncated" are OSErrors; modes Pillow cannot
+        # convert to RGB raise ValueError; some broken headers raise SyntaxError.
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise BadImage(path, reason) from e
+
+
+def eval_size(image_size: int) -> int:
+    """The shorter-side resize before the centre crop: 256 for 224, as in torchvision's recipe."""
+    return round(image_size * 256 / 224)
+
+
+def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_height, new_width) of torchvision's `Resize(size)`: shorter side to `size`."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)  # truncates, like torchvision
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's `CenterCrop(size)` on an HWC array, zero-padding first when it is too small."""
+    height, width = array.shape[:2]
+    if size > height or size > width:
+        pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+        padding = [(pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2)]
+        array = np.pad(array, padding + [(0, 0)] * (array.ndim - 2))
+        height, width = array.shape[:2]
+    # Python's round() rounds halves to even; torchvision uses it, so an odd margin of 2k+1
+    # puts the extra pixel on the top/left side only when k is odd.
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
+    return array[top : top + size, left : left + size]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarray:
+    """`Resize(eval_size) + CenterCrop(image_size)` on a PIL image -> HWC uint8 RGB array."""
+    image = _rgb(image)
+    new_h, new_w = resized_shorter_side(image.height, image.width, eval_size(image_size))
+    if (new_h, new_w) != (image.height, image.width):
+        # Pillow's bilinear filter always antialiases, as torchvision's PIL path does.
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return np.array(center_crop(np.asarray(image), image_size))  # a writable copy
+
+
+def normalize(x: Any) -> Any:
+    """uint8 HWC/NHWC (NumPy or JAX, also inside jit) -> float32, bit-equal to ToTensor+Normalize."""
+    if x.dtype != np.uint8 or x.shape[-1] != 3:
+        raise TypeError(f"normalize expects uint8 images with 3 channels last, got {x.dtype} "
+                        f"with shape {tuple(x.shape)}.")
+    if isinstance(x, np.ndarray):
+        return _NORMALIZE_TABLE[x, _CHANNELS]
+    import jax.numpy as jnp  # only for JAX input, so data-loading processes never import JAX
+
+    return jnp.asarray(_NORMALIZE_TABLE)[x, _CHANNELS]
+
+
+def preprocess(image: Image.Image, image_size: int = 224) -> np.ndarray:
+    """The torchvision ImageNet eval transform: PIL image -> HWC float32 normalised array."""
+    return normalize(eval_transform_uint8(image, image_size))
+
+
+def sample_crop(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """Sample the crop box (i, j, h, w) exactly as torchvision's `RandomResizedCrop.get_params`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(rng.integers(0, height - h + 1))
+            j = int(rng.integers(0, width - w + 1))
+            return i, j, h, w
+
+    # Fallback: the largest centred crop whose aspect ratio is clamped into `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """torchvision's `F.resized_crop(image, i, j, h, w, [size, size], BILINEAR)` -> HWC uint8."""
+    i, j, h, w = box
+    # Crop first, then resize: resizing with a `box` argument would blend in pixels outside it.
+    crop = _rgb(image).crop((j, i, j + w, i + h))
+    if crop.size != (size, size):
+        crop = crop.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(crop)
+
+
+def random_resized_crop_flip(
+    image: Image.Image,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+) -> np.ndarray:
+    """The ImageNet training augmentation: RandomResizedCrop + RandomHorizontalFlip -> HWC uint8."""
+    box = sample_crop(image.height, image.width, rng, scale, ratio)
+    array = resized_crop(image, box, image_size)
+    if rng.random() < flip_p:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BadImage",
+    "center_crop",
+    "eval_size",
+    "eval_transform_uint8",
+    "load_rgb",
+    "normalize",
+    "preprocess",
+    "random_resized_crop_flip",
+    "resized_crop",
+    "resized_shorter_side",
+    "sample_crop",
+]
