@@ -102,7 +102,9 @@ def torch_to_flax(state_dict: dict[str, np.ndarray]) -> Variables:
 def flax_to_torch(variables: Variables) -> dict[str, np.ndarray]:
     """Flax variables -> a state dict with torchvision's names and layouts (numpy arrays)."""
     state_dict: dict[str, np.ndarray] = {}
-    for path, value in _flatten({k: variables[k] for k in ("params", "batch_stats")}).items():
+    for path, value in _flatten(
+        {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+    ).items():
         value = np.asarray(value)
         key = _torch_key(path, value.ndim)
         state_dict[key] = np.ascontiguousarray(value.transpose(_TO_TORCH[value.ndim]))
@@ -195,3 +197,16 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
                 )
                 problems.append(f"{len(items)} {label}: {shown}")
         raise UserError(f"These weights do not fit {arch}: " + "; ".join(problems) + ".")
+
+
+def resolve_arch(variables: Variables, arch: str | None = None) -> str:
+    """The architecture Flax variables belong to, checked strictly; `arch` overrides detection."""
+    if not isinstance(variables, dict) or not isinstance(variables.get("params"), dict):
+        raise UserError("The weights do not hold ResNet variables (params, batch_stats).")
+    if arch is None:
+        try:
+            arch = detect_arch(flax_to_torch(variables))
+        except KeyError as e:
+            raise UserError(f"The weights hold a tensor no ResNet has ({e}).") from e
+    check_variables(variables, arch)
+    return arch

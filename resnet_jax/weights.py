@@ -21,7 +21,7 @@ from flax import serialization
 from flax.core import unfreeze
 from tqdm import tqdm
 
-from resnet_jax.convert import flax_to_torch, torch_to_flax
+from resnet_jax.convert import flax_to_torch, resolve_arch, torch_to_flax
 from resnet_jax.errors import UserError, atomic_write
 from resnet_jax.torch_format import load_torch_state_dict
 
@@ -176,3 +176,18 @@ def pretrained_path(
             return candidate
     _download(url, target, hash_prefix, progress)
     return target
+
+
+def convert_file(
+    src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None
+) -> tuple[str, int]:
+    """Convert a weights file (.pth/.safetensors/.msgpack -> .msgpack/.safetensors), checking it.
+
+    Returns the architecture and the number of parameters; `arch` makes a mismatch an error.
+    """
+    if Path(src).resolve() == Path(dst).resolve():
+        raise UserError(f"Source and destination are the same file ({src}); choose another name.")
+    variables = load_variables(src)
+    arch = resolve_arch(variables, arch)
+    save_variables(dst, variables)
+    return arch, sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))

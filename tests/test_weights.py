@@ -7,6 +7,8 @@ import functools
 import hashlib
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -271,3 +273,48 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert weights.default_cache_dir() == Path.home() / ".cache" / "resnet_jax"
     monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "mine"))
     assert weights.default_cache_dir() == tmp_path / "mine"
+
+
+def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parents[1] / "convert_weights.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_convert_weights_cli_pth_to_msgpack_to_safetensors(tmp_path):
+    model = torchvision.models.resnet18(num_classes=7)
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    done = run_convert_cli(str(tmp_path / "r18.pth"), str(tmp_path / "r18.msgpack"))
+    assert done.returncode == 0, done.stderr
+    assert "resnet18, 11,180,103 parameters" in done.stdout
+    done = run_convert_cli(
+        str(tmp_path / "r18.msgpack"), str(tmp_path / "r18.safetensors"), "--arch", "resnet18"
+    )
+    assert done.returncode == 0, done.stderr
+    back = safetensors.torch.load_file(tmp_path / "r18.safetensors")
+    fresh = torchvision.models.resnet18(num_classes=7)
+    fresh.load_state_dict(back, strict=True)
+    for key, value in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_convert_weights_cli_errors_are_one_line(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    for args, message in [
+        (("missing.pth", "out.msgpack"), "does not exist"),
+        (
+            (str(tmp_path / "r18.pth"), str(tmp_path / "out.msgpack"), "--arch", "resnet34"),
+            "do not fit resnet34",
+        ),
+        ((str(tmp_path / "r18.pth"), str(tmp_path / "out.bin")), "use a .msgpack or .safetensors"),
+    ]:
+        done = run_convert_cli(*args)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.msgpack").exists()
