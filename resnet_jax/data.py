@@ -111,21 +111,32 @@ def _samples(per_class: list[list[str]]) -> list[tuple[str, int]]:
     return [(path, label) for label, files in enumerate(per_class) for path in files]
 
 
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of a class's n examples go to val: int(n * val_fraction), as the seed's
+    split_data.py takes them (tf_flowers: 364 of 3,670), but at least 1 and never all."""
+    return min(max(int(n * val_fraction), 1), n - 1) if n > 1 else 0
+
+
+def pick_val(keys: Sequence[str], val_fraction: float) -> set[str]:
+    """The keys of one class that go to val: the first `val_count` ranked by their SHA-256.
+
+    The choice does not depend on listing order, and adding a key moves at most one other.
+    """
+    ranked = sorted(keys, key=lambda k: hashlib.sha256(k.encode()).digest())
+    return set(ranked[: val_count(len(keys), val_fraction)])
+
+
 def split_by_fraction(
     files: list[str], val_fraction: float, class_dir: str | os.PathLike
 ) -> tuple[list[str], list[str]]:
-    """Deterministic (train, val) split of the files of one class folder.
+    """Deterministic (train, val) split of the files of one class folder (see `pick_val`).
 
-    Rule: files are ranked by the SHA-256 of their path relative to `class_dir`, and the first
-    round(len(files) * val_fraction) go to val. The result does not depend on listing order or on
-    where the dataset lives, and adding or removing a file moves at most one other file.
+    Files are keyed by their path relative to `class_dir`, so the split is the same wherever
+    the dataset lives.
     """
-
-    def rank(path: str) -> bytes:
-        return hashlib.sha256(Path(path).relative_to(class_dir).as_posix().encode()).digest()
-
-    val = set(sorted(files, key=rank)[: round(len(files) * val_fraction)])
-    return [f for f in files if f not in val], [f for f in files if f in val]
+    keys = {f: Path(f).relative_to(class_dir).as_posix() for f in files}
+    val = pick_val(list(keys.values()), val_fraction)
+    return [f for f in files if keys[f] not in val], [f for f in files if keys[f] in val]
 
 
 def open_image_folder(

@@ -80,7 +80,7 @@ def test_single_folder_split_is_deterministic_and_per_class(tmp_path):
     train, val, classes = open_datasets(str(tmp_path), val_fraction=0.2)
     assert classes == ["cat", "dog"]
     val_labels = [val.label(i) for i in range(len(val))]
-    assert val_labels.count(0) == 2 and val_labels.count(1) == 4  # round(n * 0.2) per class
+    assert val_labels.count(0) == 2 and val_labels.count(1) == 4  # int(n * 0.2) per class
     assert len(train) == 24 and not set(train.samples) & set(val.samples)
     train2, val2, _ = open_datasets(str(tmp_path), val_fraction=0.2)
     assert train2.samples == train.samples and val2.samples == val.samples
@@ -152,7 +152,7 @@ def test_bad_layouts_raise_one_clear_sentence(tmp_path, layout):
 
 
 def test_val_fraction_that_leaves_no_val_images_is_an_error(tmp_path):
-    make_folder(tmp_path, {"a": 2, "b": 2})
+    make_folder(tmp_path, {"a": 1, "b": 1})  # a lone image stays in train
     with pytest.raises(UserError, match="leaves no validation images"):
         open_datasets(str(tmp_path), val_fraction=0.1)
     with pytest.raises(UserError, match="between 0 and 1"):
@@ -334,6 +334,13 @@ def test_tfds_mock_data_gives_sources_and_batches(tmp_path, monkeypatch):
         loader = Loader(train, 4, train=True, image_size=16, workers=2)
         (batch,) = batches(loader)
         assert batch["image"].shape == (4, 16, 16, 3) and batch["mask"].all()
+
+
+def test_val_count_follows_the_seed():
+    # tf_flowers' classes: the seed's split_data.py keeps int(n * 0.1) of each for val.
+    flowers = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
+    assert sum(data.val_count(n, 0.1) for n in flowers.values()) == 364
+    assert [data.val_count(n, 0.1) for n in (0, 1, 2, 5, 19, 20)] == [0, 0, 1, 1, 1, 2]
 
 
 def test_tfds_split_names():
