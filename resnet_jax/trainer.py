@@ -1,0 +1,392 @@
+"""The training run behind `train.py`: data, model, pretrained weights, the epoch loop, outputs.
+
+OUTPUT_DIR (default `runs/<arch>`) receives `checkpoints/` (orbax; latest and best epoch),
+`best.msgpack` (the variables with the best validation accuracy), `class_indices.json`,
+`metrics.jsonl` (one line per epoch) and `training_curve.png` (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.checkpoint import Checkpoints
+from resnet_jax.errors import UserError
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.parallel import DataParallel, init_distributed
+from resnet_jax.reporting import epoch_line, progress_bar, say, write_metrics
+from resnet_jax.training import (
+    FREEZE,
+    TrainState,
+    create_state,
+    initial_variables,
+    make_optimizer,
+    make_schedule,
+    zero_totals,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SYNTHETIC_CLASSES = 1000  # an ImageNet-sized head, so throughput matches the usual benchmarks
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a training run; `train.py`'s flags map one to one onto these fields."""
+
+    arch: str = "resnet34"
+    data_dir: str | None = None
+    dataset: str = "tf_flowers"
+    val_fraction: float = 0.1
+    weights: str | None = None  # 'imagenet', 'none' or a file; None: imagenet ('none' if synthetic)
+    freeze: str = "none"
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float | None = None  # None: torch's default, 0 (adam, sgd) or 0.01 (adamw)
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    batch_size: int = 16
+    epochs: int = 3
+    image_size: int = 224
+    dtype: str = "float32"
+    workers: int = 0
+    seed: int = 0
+    output_dir: str | None = None  # None: runs/<arch>
+    resume: bool = False
+    synthetic: int = 0  # > 0: that many steps per epoch on random device data
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+# Options that define a run: `--resume` refuses to continue a run with different values.
+RUN_KEYS = ("arch", "data_dir", "dataset", "val_fraction", "freeze", "optimizer", "lr",
+            "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "batch_size",
+            "image_size", "dtype", "seed")  # fmt: skip
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the final state (replicated on the mesh) and one record per epoch."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    output_dir: Path
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run described by `config`; see the module docstring."""
+    init_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    enable_compilation_cache()
+    config = _resolve(config)
+    dp = DataParallel()
+    dp.check_batch_size(config.batch_size)
+    out = Path(config.output_dir)
+    data = _Data(config, dp)
+    model = create_model(
+        config.arch,
+        num_classes=data.num_classes,
+        dtype=DTYPES[config.dtype],
+        frozen_stages=FREEZE[config.freeze],
+    )
+    total_steps = config.epochs * data.steps
+    warmup_steps = round(config.warmup_epochs * data.steps)
+    schedule = make_schedule(config.lr, config.schedule, warmup_steps, total_steps)
+
+    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, FREEZE[config.freeze])
+    make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
+    ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
+    state, history = _start(config, model, make_state, ckpts, dp)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if data.classes is not None:
+            from resnet_jax.data import write_class_indices
+
+            write_class_indices(out / "class_indices.json", data.classes)
+    if history:  # a kill may have come between a checkpoint and the metrics it records
+        write_metrics(out, history)
+
+    if len(history) >= config.epochs:
+        say(f"{out} is already trained for {len(history)} epochs; raise --epochs to go on.")
+    train_step, eval_step = dp.jit_train_step(config.label_smoothing), dp.jit_eval_step()
+    compiled = False
+    try:
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            state, train_metrics, compile_s, train_s = _train_epoch(
+                train_step,
+                state,
+                data.train(epoch),
+                data.steps,
+                dp,
+                f"train epoch[{epoch}/{config.epochs}]",
+                skip_first=not compiled,
+            )
+            compiled = True
+            if not math.isfinite(train_metrics["loss"]):
+                raise UserError(_nan_message(train_metrics["loss"], epoch, ckpts))
+            val = _evaluate(eval_step, state, data, dp, epoch) if data.val_steps else {}
+            trained = (data.steps - (1 if compile_s else 0)) * config.batch_size
+            record = {
+                "epoch": epoch,
+                "train_loss": train_metrics["loss"],
+                "train_accuracy": train_metrics["accuracy"],
+                "val_loss": val.get("loss"),
+                "val_accuracy": val.get("accuracy"),
+                "images_per_second": trained / train_s if train_s > 0 else None,
+                "seconds": time.perf_counter() - t0,
+            }
+            if compile_s:
+                record["first_step_seconds"] = compile_s
+            history.append(record)
+            _save_epoch(out, config, state, history, ckpts, data.classes)
+            say(epoch_line(record))
+    finally:
+        if ckpts is not None:
+            ckpts.close()  # waits for the last (asynchronous) checkpoint write
+    return TrainResult(state, history, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled steps in <cache dir>/jax so the next run skips compilation.
+
+    The cache dir is $RESNET_JAX_CACHE, $XDG_CACHE_HOME/resnet_jax or ~/.cache/resnet_jax;
+    JAX_COMPILATION_CACHE_DIR overrides the whole path (an empty value turns caching off).
+    """
+    from resnet_jax.weights import default_cache_dir
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+    # JAX's defaults skip programs that compile in under a second, i.e. most CPU programs.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _resolve(config: TrainConfig) -> TrainConfig:
+    """Check the options that need no data and fill in the defaults that depend on others."""
+    create_model(config.arch)  # UserError for an unknown name
+    choices = {
+        "freeze": FREEZE,
+        "dtype": DTYPES,
+        "optimizer": ("adam", "adamw", "sgd"),
+        "schedule": ("constant", "cosine"),
+    }
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise UserError(
+                f"Unknown --{key} '{getattr(config, key)}'; choose one of: {', '.join(allowed)}."
+            )
+    if config.schedule == "cosine" and config.warmup_epochs >= config.epochs:
+        raise UserError(
+            f"--warmup-epochs {config.warmup_epochs} leaves no epoch for the cosine decay; "
+            f"use fewer than --epochs {config.epochs}."
+        )
+    default_wd = 0.01 if config.optimizer == "adamw" else 0.0
+    return dataclasses.replace(
+        config,
+        weights=config.weights or ("none" if config.synthetic else "imagenet"),
+        weight_decay=default_wd if config.weight_decay is None else config.weight_decay,
+        data_dir=None if config.data_dir is None else os.path.abspath(config.data_dir),
+        output_dir=config.output_dir or os.path.join("runs", config.arch),
+    )
+
+
+class _Data:
+    """Training and validation batches, already on the devices, plus the class names."""
+
+    def __init__(self, config: TrainConfig, dp: DataParallel) -> None:
+        self.config, self.dp = config, dp
+        if config.synthetic:
+            self.classes, self.num_classes = None, SYNTHETIC_CLASSES
+            self.steps, self.val_steps = config.synthetic, 0
+            return
+        from resnet_jax.data import Loader, open_datasets
+
+        train, val, self.classes = open_datasets(
+            config.data_dir, config.dataset, val_fraction=config.val_fraction
+        )
+        self.num_classes = len(self.classes)
+        common = {
+            "batch_size": config.batch_size,
+            "image_size": config.image_size,
+            "seed": config.seed,
+            "workers": config.workers,
+            "process_index": jax.process_index(),
+            "process_count": jax.process_count(),
+        }
+        self.train_loader = Loader(train, train=True, **common)
+        self.val_loader = Loader(val, train=False, **common)
+        self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
+
+    def train(self, epoch: int) -> Iterator:
+        c = self.config
+        if c.synthetic:
+            key = jax.random.fold_in(jax.random.key(c.seed), epoch)
+            return self.dp.synthetic_batches(
+                key, self.steps, c.batch_size, c.image_size, self.num_classes
+            )
+        return self.dp.prefetch(self.train_loader.epoch(epoch))
+
+    def val(self, epoch: int) -> Iterator:
+        return self.dp.prefetch(self.val_loader.epoch(epoch))
+
+
+def _start(
+    config: TrainConfig,
+    model: ResNet,
+    make_state: Callable,
+    ckpts: Checkpoints | None,
+    dp: DataParallel,
+) -> tuple[TrainState, list[dict]]:
+    """A fresh state, or the latest checkpoint's state and history with `--resume`."""
+    latest = ckpts.latest_epoch() if ckpts else None
+    if latest is not None and not config.resume:
+        raise UserError(
+            f"{config.output_dir} already holds a run (trained to epoch {latest}); pass "
+            "--resume to continue it, or choose another --output-dir."
+        )
+    if latest is None:
+        if config.resume and ckpts:
+            say(f"No checkpoint in {ckpts.directory} to resume from; starting a new run.")
+        variables, message = initial_variables(model, config.arch, config.weights, config.seed)
+        say(message)
+        return make_state(dp.replicate(variables)), []
+    abstract = jax.eval_shape(
+        lambda: make_state(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    )
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
+    )
+    meta = ckpts.meta(latest)
+    changed = [
+        f"--{k.replace('_', '-')} {meta['config'].get(k)} (now {getattr(config, k)})"
+        for k in RUN_KEYS
+        if meta["config"].get(k) != getattr(config, k)
+    ]
+    if config.schedule == "cosine" and meta["config"].get("epochs") != config.epochs:
+        was = meta["config"].get("epochs")
+        changed.append(f"--epochs {was} (now {config.epochs}; it sets the cosine schedule)")
+    if changed:
+        raise UserError(
+            f"Cannot resume {config.output_dir}: it was trained with "
+            + ", ".join(changed)
+            + "; pass the same values, or choose another --output-dir for a new run."
+        )
+    say(f"Resuming {config.output_dir} after epoch {latest}.")
+    return ckpts.restore(abstract, latest), meta["history"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _mean(totals: dict[str, jax.Array]) -> dict[str, float]:
+    count = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+def _train_epoch(
+    step_fn: Callable,
+    state: TrainState,
+    batches: Iterator,
+    steps: int,
+    dp: DataParallel,
+    desc: str,
+    skip_first: bool,
+) -> tuple[TrainState, dict, float, float]:
+    """Run one epoch; returns the state, mean metrics, first-step seconds (if timed) and time.
+
+    The host never waits for the step it just dispatched: the bar shows the loss of the step
+    before (already finished or nearly), so the device always has work queued.
+    """
+    totals = dp.replicate(zero_totals())
+    compile_s, refreshed = 0.0, 0.0
+    t0 = time.perf_counter()
+    with progress_bar(steps, desc) as bar:
+        for i, batch in enumerate(batches):
+            state, new_totals = step_fn(state, batch, totals)
+            if skip_first and i == 0 and steps > 1:
+                # The first step of a process includes compilation: time it apart.
+                jax.block_until_ready(new_totals)
+                compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
+            elif i > 0 and time.perf_counter() - refreshed > 0.5:
+                loss = _mean(totals)["loss"]
+                if not math.isfinite(loss):
+                    return state, {"loss": loss, "accuracy": 0.0}, compile_s, 0.0
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                refreshed = time.perf_counter()
+            totals = new_totals
+            bar.update()
+        metrics = _mean(totals)
+    return state, metrics, compile_s, time.perf_counter() - t0
+
+
+def _evaluate(
+    step_fn: Callable, state: TrainState, data: _Data, dp: DataParallel, epoch: int
+) -> dict:
+    """Mean validation loss and accuracy over the real (mask True) rows."""
+    totals = dp.replicate(zero_totals())
+    with progress_bar(data.val_steps, f"val epoch[{epoch}/{data.config.epochs}]") as bar:
+        for i, batch in enumerate(data.val(epoch)):
+            new_totals = step_fn(state, batch, totals)
+            if i > 0 and bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{_mean(totals)['loss']:.3f}", refresh=False)
+            totals = new_totals
+            bar.update()
+    return _mean(totals)
+
+
+def _nan_message(loss: float, epoch: int, ckpts: Checkpoints | None) -> str:
+    latest = ckpts.latest_epoch() if ckpts else None
+    kept = f"the checkpoint of epoch {latest} is kept" if latest else "no checkpoint was written"
+    return (
+        f"The training loss became {loss} in epoch {epoch}, so training stopped; {kept}. "
+        "Lower --lr (or use --warmup-epochs) and try again."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _save_epoch(
+    out: Path,
+    config: TrainConfig,
+    state: TrainState,
+    history: list[dict],
+    ckpts: Checkpoints | None,
+    classes: list[str] | None,
+) -> None:
+    """best.msgpack (if improved), the orbax checkpoint, metrics.jsonl and the curves."""
+    record = history[-1]
+    if ckpts is not None:
+        previous = [h["val_accuracy"] for h in history[:-1] if h["val_accuracy"] is not None]
+        improved = record["val_accuracy"] is not None and record["val_accuracy"] > max(
+            previous, default=-1.0
+        )
+        if improved and jax.process_index() == 0:
+            # Before the checkpoint: a kill in between redoes this epoch and rewrites the file.
+            from resnet_jax.weights import save_variables
+
+            best = {"params": state.params, "batch_stats": state.batch_stats}
+            save_variables(out / "best.msgpack", best)
+        meta = {
+            "config": {k: getattr(config, k) for k in (*RUN_KEYS, "epochs")},
+            "history": history,
+            "classes": classes,
+        }
+        ckpts.save(record["epoch"], state, meta, record["val_accuracy"])
+    write_metrics(out, history)

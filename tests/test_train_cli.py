@@ -1,0 +1,267 @@
+"""train.py end to end in subprocesses: outputs, resume, kill -9, freezing, 2 devices, 2 processes,
+user errors. Every run shares one persistent compilation cache, so only the first compiles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+from train_helpers import (
+    REPO,
+    TINY,
+    TINY_ARGS,
+    free_port,
+    make_image_folder,
+    read_metrics,
+    run_train,
+    train_env,
+)
+
+from resnet_jax.data import read_class_indices
+from resnet_jax.weights import load_variables
+
+LOSSES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("flowers"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return train_env(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(data, env, tmp_path_factory):
+    """An uninterrupted 2-epoch run on one device: (output dir, stdout)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_train(
+        [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(out)], env
+    )
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def losses(output_dir) -> list[tuple]:
+    return [tuple(m[k] for k in LOSSES) for m in read_metrics(output_dir)]
+
+
+def flat_variables(path) -> dict:
+    return traverse_util.flatten_dict(load_variables(path), sep="/")
+
+
+def test_run_writes_every_output(reference):
+    out, stdout = reference
+    lines = [line for line in stdout.splitlines() if line.startswith("[epoch")]
+    assert len(lines) == 2
+    assert lines[0].startswith("[epoch 1] train_loss: ") and " val_accuracy: " in lines[0]
+    assert "images/s)" in lines[1]
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {
+            "train_loss",
+            "val_loss",
+            "val_accuracy",
+            "images_per_second",
+            "seconds",
+        } <= m.keys()
+        assert 0 <= m["val_accuracy"] <= 1 and m["images_per_second"] > 0
+    assert read_class_indices(out / "class_indices.json") == ["class0", "class1", "class2"]
+    variables = load_variables(out / "best.msgpack")
+    assert variables["params"]["fc"]["kernel"].shape == (512, 3)
+    assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(out / "checkpoints")) in (["1", "2"], ["2"])
+
+
+@pytest.mark.parametrize("moment", ["during the first checkpoint write", "in epoch 2"])
+def test_kill_9_then_resume(reference, data, env, tmp_path, moment):
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckpts = tmp_path / "checkpoints"
+
+    def ready() -> bool:
+        names = os.listdir(ckpts) if ckpts.is_dir() else []
+        if moment.startswith("during"):
+            return any(".orbax-checkpoint-tmp" in n for n in names)
+        return "1" in names and (tmp_path / "metrics.jsonl").exists()
+
+    deadline = time.monotonic() + 240
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before the moment to kill it"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = run_train([*args, "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    if moment == "in epoch 2":
+        assert "Resuming" in resumed.stdout and "[epoch 1]" not in resumed.stdout
+    # Same data order, same state, same programs: the metrics of an uninterrupted run.
+    assert losses(tmp_path) == losses(reference[0])
+    assert not [n for n in os.listdir(ckpts) if "tmp" in n]
+    load_variables(tmp_path / "best.msgpack")
+
+
+def test_torchvision_pth_with_frozen_backbone(data, env, tmp_path):
+    """--weights file.pth (converted on the fly), new 3-class head, backbone bit-identical."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18-random.pth")
+    start = flat_variables(tmp_path / "resnet18-random.pth")
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(out)]
+    pth = str(tmp_path / "resnet18-random.pth")
+    result = run_train([*args, "--weights", pth, "--freeze", "backbone", "--lr", "0.1"], env)
+    assert result.returncode == 0, result.stderr
+    assert "its 1000-class head replaced by a new 3-class head" in result.stdout
+    after = flat_variables(out / "best.msgpack")
+    assert after["params/fc/kernel"].shape == (512, 3)
+    assert after.keys() == start.keys()
+    for key, value in start.items():
+        if not key.startswith("params/fc/"):
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_two_devices_give_the_losses_of_one(reference, data, tmp_path_factory, tmp_path):
+    env2 = train_env(tmp_path_factory.getbasetemp() / "jax_cache", devices=2)
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(tmp_path)]
+    result = run_train(args, env2)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(losses(tmp_path)[0], losses(reference[0])[0], rtol=1e-4)
+
+
+WORKER = """
+import sys, numpy as np, jax
+from flax import traverse_util
+from resnet_jax.trainer import TrainConfig, train
+process_id, port, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+config = TrainConfig(**eval(sys.argv[5]), data_dir=data, epochs=1, output_dir=out,
+                     coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                     process_id=process_id)
+result = train(config)
+assert jax.process_count() == 2 and jax.device_count() == 2
+state = result.state
+variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+np.savez(f"{out}/variables_{process_id}.npz", **traverse_util.flatten_dict(variables, sep="/"))
+"""
+
+
+def test_two_processes_end_with_identical_parameters(reference, data, env, tmp_path):
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(i), port, str(data), str(tmp_path), repr(TINY)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    first, second = (np.load(tmp_path / f"variables_{i}.npz") for i in (0, 1))
+    assert len(first.files) > 100
+    for key in first.files:
+        np.testing.assert_array_equal(first[key], second[key])
+    # Process 0 alone reports, and the global batch makes it the single-process run.
+    assert outputs[0].count("[epoch 1]") == 1 and "[epoch 1]" not in outputs[1]
+    np.testing.assert_allclose(losses(tmp_path)[0], losses(reference[0])[0], rtol=1e-4)
+
+
+POISON = """
+import sys, jax, jax.numpy as jnp
+from resnet_jax.parallel import DataParallel
+import train
+
+compile_step = DataParallel.jit_train_step
+
+def jit_poisoned_step(self, label_smoothing=0.0):
+    step = compile_step(self, label_smoothing)
+
+    def poisoned(state, batch, totals):
+        if int(state.step) == 4:  # the second step of epoch 2 (3 steps per epoch)
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return step(state, batch, totals)
+
+    return poisoned
+
+DataParallel.jit_train_step = jit_poisoned_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(reference, data, env, tmp_path):
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-c", POISON, *args],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "loss became nan in epoch 2" in errors[0]
+    assert "checkpoint of epoch 1 is kept" in errors[0]
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+    assert losses(tmp_path) == losses(reference[0])[:1]
+    best = flat_variables(tmp_path / "best.msgpack")
+    assert all(np.isfinite(v).all() for v in best.values())
+
+
+def test_synthetic_reports_images_per_second(env, tmp_path):
+    args = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--epochs", "1",
+            "--synthetic", "3", "--output-dir", str(tmp_path)]  # fmt: skip
+    result = run_train(args, env)
+    assert result.returncode == 0, result.stderr
+    assert "images/s)" in result.stdout and "initialised at random" in result.stdout
+    assert read_metrics(tmp_path)[0]["images_per_second"] > 0
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_existing_run_and_changed_flags_need_attention(reference, data, env):
+    out = str(reference[0])
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", out]
+    again = run_train(args, env)
+    assert again.returncode == 1 and "pass --resume" in again.stderr
+    changed = run_train([*args, "--resume", "--lr", "0.5"], env)
+    assert changed.returncode == 1 and "--lr 0.001 (now 0.5)" in changed.stderr
+    done = run_train([*args, "--resume"], env)
+    assert done.returncode == 0 and "[epoch" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, devices, message",
+    [
+        (["--arch", "resnet19"], 1, "Unknown architecture 'resnet19'"),
+        (["--data-dir", "/nonexistent/flowers"], 1, "/nonexistent/flowers"),
+        (["--arch", "resnet34", "--weights", "WEIGHTS"], 1, "do not fit resnet34"),
+        (["--batch-size", "3"], 2, "--batch-size 3 is not divisible by the 2 devices"),
+        (["--coordinator-address", "127.0.0.1:1"], 1, "multi-process"),
+    ],
+)
+def test_user_errors_are_one_line(
+    reference, data, tmp_path_factory, tmp_path, extra, devices, message
+):
+    env = train_env(tmp_path_factory.getbasetemp() / "jax_cache", devices=devices)
+    extra = [str(reference[0] / "best.msgpack") if a == "WEIGHTS" else a for a in extra]
+    args = [*TINY_ARGS, "--data-dir", str(data), "--output-dir", str(tmp_path), *extra]
+    result = run_train(args, env, timeout=120)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
