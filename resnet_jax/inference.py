@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from resnet_jax import transforms
+from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.convert import num_classes_of, resolve_arch
 from resnet_jax.data import IMAGE_EXTENSIONS, read_class_indices
 from resnet_jax.errors import UserError, atomic_write
@@ -333,7 +334,6 @@ def predict_cli(
     if plot_images or save_plot:
         _pyplot(plot_images)  # fail before the slow part if matplotlib is missing
     paths = find_images(images)
-    from resnet_jax.trainer import enable_compilation_cache  # pulls in orbax; only the CLI needs it
 
     enable_compilation_cache()  # a second run with the same batch shape skips compilation
     predictor = Predictor.load(weights, arch, class_indices)

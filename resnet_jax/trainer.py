@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.checkpoint import Checkpoints
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, create_model
@@ -158,21 +159,6 @@ def train(config: TrainConfig) -> TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled steps in <cache dir>/jax so the next run skips compilation.
-
-    The cache dir is $RESNET_JAX_CACHE, $XDG_CACHE_HOME/resnet_jax or ~/.cache/resnet_jax;
-    JAX_COMPILATION_CACHE_DIR overrides the whole path (an empty value turns caching off).
-    """
-    from resnet_jax.weights import default_cache_dir
-
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
-    # JAX's defaults skip programs that compile in under a second, i.e. most CPU programs.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _resolve(config: TrainConfig) -> TrainConfig:

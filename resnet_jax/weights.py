@@ -21,6 +21,7 @@ from flax import serialization
 from flax.core import unfreeze
 from tqdm import tqdm
 
+from resnet_jax.cache import default_cache_dir
 from resnet_jax.convert import flax_to_torch, resolve_arch, torch_to_flax
 from resnet_jax.errors import UserError, atomic_write
 from resnet_jax.torch_format import load_torch_state_dict
@@ -80,13 +81,6 @@ def load_variables(path: str | os.PathLike) -> dict:
     if not isinstance(variables, dict) or "params" not in variables:
         raise UserError(f"{path} holds no Flax variables (no 'params' entry); check the file.")
     return variables
-
-
-def default_cache_dir() -> Path:
-    """$RESNET_JAX_CACHE, else $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax."""
-    if os.environ.get("RESNET_JAX_CACHE"):
-        return Path(os.environ["RESNET_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_jax"
 
 
 def torch_hub_dir() -> Path:

@@ -265,16 +265,6 @@ def test_unknown_arch_and_unhashed_name(caches):
         pretrained_path("resnet18", url="http://127.0.0.1:1/weights.pth")
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("RESNET_JAX_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert weights.default_cache_dir() == tmp_path / "xdg" / "resnet_jax"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert weights.default_cache_dir() == Path.home() / ".cache" / "resnet_jax"
-    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "mine"))
-    assert weights.default_cache_dir() == tmp_path / "mine"
-
-
 def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
     script = Path(__file__).resolve().parents[1] / "convert_weights.py"
     return subprocess.run(
