@@ -1,0 +1,131 @@
+"""Convolution and pooling written so that XLA:CPU runs them fast; same results as XLA's own.
+
+Each works around a slow path of XLA:CPU found by profiling ResNet training steps (see
+benchmarks/speed.py): grouped kernel gradients, convolutions of inputs smaller than their
+window, and max-pooling's generic gradient.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
+) -> jax.Array:
+    """NHWC x HWIO convolution with torch's symmetric zero padding: XLA's own."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    """A grouped convolution (ResNeXt) whose kernel gradient XLA:CPU can afford.
+
+    XLA:CPU computes a grouped kernel gradient 50-200x slower than a dense one, so on CPU it
+    is taken from the dense gradient (`groups` times the FLOPs) restricted to the diagonal
+    blocks; other platforms use XLA's own.
+    """
+    return conv2d(x, kernel, stride, padding, groups)
+
+
+def _grouped_conv_fwd(x, kernel, stride, padding, groups):
+    return conv2d(x, kernel, stride, padding, groups), (x, kernel)
+
+
+def _grouped_conv_bwd(stride, padding, groups, residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: conv2d(x, kernel, stride, padding, groups), x)[1](dy)[0]
+
+    def from_dense(x, dy):
+        k, _, per_group, out = kernel.shape
+        dense = jnp.zeros((k, k, x.shape[-1], out), kernel.dtype)
+        full = jax.vjp(lambda w: conv2d(x, w, stride, padding), dense)[1](dy)[0]
+        full = full.reshape(k, k, groups, per_group, groups, out // groups)
+        return jnp.einsum("hwgcgo->hwcgo", full).reshape(kernel.shape)
+
+    def native(x, dy):
+        return jax.vjp(lambda w: conv2d(x, w, stride, padding, groups), kernel)[1](dy)[0]
+
+    return dx, lax.platform_dependent(x, dy, cpu=from_dense, default=native)
+
+
+grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def _windows(x: jax.Array, k: int, stride: int, padding: int, fill: float = 0.0) -> list[jax.Array]:
+    """The k*k strided views of x padded with `fill`, in row-major window order: view (i, j)
+    holds, for each output position, the input under cell (i, j) of its window."""
+    n, h, w, c = x.shape
+    ho, wo = ((d + 2 * padding - k) // stride + 1 for d in (h, w))
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    xp = jnp.pad(x, pad, constant_values=fill)
+    return [
+        lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                  (1, stride, stride, 1))
+        for i in range(k)
+        for j in range(k)
+    ]  # fmt: skip
+
+
+def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A convolution as one matrix product: the k*k views side by side times the kernel
+    reshaped to (k*k*in, out)."""
+    k, c = kernel.shape[0], x.shape[-1]
+    patches = jnp.concatenate(_windows(x, k, stride, padding), axis=-1)
+    return jnp.dot(patches, kernel.reshape(k * k * c, -1))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+    """torch's MaxPool2d(window, stride, padding) on NHWC: -inf padding, and the gradient goes
+    to the first maximum of each window, as torch's does.
+
+    The hand-written gradient replaces JAX's generic one (select_and_scatter plus variadic
+    window reductions over index arrays), which took about a tenth of a ResNet-34 step on CPU.
+    """
+    views = _windows(x, window, stride, padding, -jnp.inf)
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    y = max_pool(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, g):
+    x, y = residuals
+    n, h, w, c = x.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    taken = jnp.zeros(y.shape, bool)
+    grad = jnp.zeros((n, hp, wp, c), g.dtype)
+    for k, view in enumerate(_windows(x, window, stride, padding, -jnp.inf)):
+        i, j = divmod(k, window)
+        hit = (view == y) & ~taken
+        taken = taken | hit
+        # Spread this window position's share back onto the padded input grid.
+        grad = grad + lax.pad(
+            jnp.where(hit, g, 0).astype(g.dtype),
+            jnp.zeros((), g.dtype),
+            ((0, 0, 0),
+             (i, hp - i - (stride * (y.shape[1] - 1) + 1), stride - 1),
+             (j, wp - j - (stride * (y.shape[2] - 1) + 1), stride - 1),
+             (0, 0, 0)),
+        )  # fmt: skip
+    return (grad[:, padding : padding + h, padding : padding + w, :],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
