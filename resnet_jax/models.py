@@ -117,8 +117,11 @@ class Downsample(nn.Module):
         return self.norm(name="bn")(x)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
+class ResidualBlock(nn.Module):
+    """What every residual block is given: its width, stride, shortcut and layer constructors.
+
+    The block's output has `planes * expansion` channels.
+    """
 
     expansion: ClassVar[int] = 1
 
@@ -131,44 +134,44 @@ class BasicBlock(nn.Module):
     width_per_group: int = 64
     zero_init_residual: bool = False
 
+    @property
+    def last_scale_init(self) -> Callable:
+        """The init of the block's last BatchNorm scale: 0 with `zero_init_residual`."""
+        return nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
+
+    expansion: ClassVar[int] = 1
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.groups != 1 or self.width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64.")
-        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         out = self.conv(self.planes, 3, self.strides, padding=1, name="conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out))
         out = self.conv(self.planes, 3, padding=1, name="conv2")(out)
-        out = self.norm(scale_init=last_scale, name="bn2")(out)
+        out = self.norm(scale_init=self.last_scale_init, name="bn2")(out)
         if self.downsample:
             x = Downsample(self.planes, self.strides, self.conv, self.norm, name="downsample")(x)
         return nn.relu(out + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (strided, grouped for ResNeXt), 1x1 expand x4: ResNet-50 and deeper."""
 
     expansion: ClassVar[int] = 4
 
-    planes: int
-    strides: int
-    downsample: bool
-    conv: ModuleDef
-    norm: ModuleDef
-    groups: int = 1
-    width_per_group: int = 64
-    zero_init_residual: bool = False
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
-        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         out = self.conv(width, 1, name="conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out))
         out = self.conv(width, 3, self.strides, padding=1, groups=self.groups, name="conv2")(out)
         out = nn.relu(self.norm(name="bn2")(out))
         out = self.conv(self.planes * self.expansion, 1, name="conv3")(out)
-        out = self.norm(scale_init=last_scale, name="bn3")(out)
+        out = self.norm(scale_init=self.last_scale_init, name="bn3")(out)
         if self.downsample:
             features = self.planes * self.expansion
             x = Downsample(features, self.strides, self.conv, self.norm, name="downsample")(x)
@@ -183,7 +186,7 @@ class ResNet(nn.Module):
     output, as transfer learning with a frozen backbone wants.
     """
 
-    block: type[nn.Module]
+    block: type[ResidualBlock]
     layers: Sequence[int]
     num_classes: int = 1000
     include_top: bool = True
