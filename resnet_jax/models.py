@@ -90,9 +90,13 @@ class BatchNorm(nn.Module):
         else:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            # One pass over x (E[x^2] - E[x]^2); clamp the tiny negatives rounding can give.
-            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+            # One pass over x, shifted by one sample per channel: E[d^2] - E[d]^2 with d = x - x0.
+            # Unshifted, float32 cancels when |mean| >> std (wrong variance, wrong gradients).
+            shift = lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
+            d = xf - shift
+            mean_d = jnp.mean(d, axes)
+            mean = shift + mean_d
+            var = jnp.maximum(jnp.mean(jnp.square(d), axes) - jnp.square(mean_d), 0.0)
             if not self.is_initializing():
                 n = x.size // c
                 m = self.momentum

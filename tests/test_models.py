@@ -11,6 +11,7 @@ from torch_reference import nchw, randomised_torch_model, relative_error
 
 from resnet_jax import (
     ARCHS,
+    BatchNorm,
     Bottleneck,
     ResNet,
     UserError,
@@ -159,6 +160,19 @@ def test_frozen_stages_use_running_stats_and_stop_gradients():
         np.array_equal, upd["batch_stats"]["layer3_0"], v["batch_stats"]["layer3_0"]
     )
     assert not jax.tree.all(changed)
+
+
+def test_batch_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
+    # E[x^2] - E[x]^2 in float32 loses the variance here (1e6 - 1e6); torch's does not.
+    x = 1000.0 + np.random.default_rng(0).standard_normal((8, 4, 4, 16)).astype(np.float32)
+    bn = BatchNorm(use_running_average=False)
+    v = bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(v, x, mutable=["batch_stats"])
+    rows = x.reshape(-1, 16).astype(np.float64)
+    expected = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 16), expected, atol=2e-3)
+    running_var = 0.9 + 0.1 * rows.var(0, ddof=1)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], running_var, rtol=1e-4)
 
 
 def test_bfloat16_compute_stays_close_to_float32():

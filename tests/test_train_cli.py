@@ -54,6 +54,15 @@ def losses(output_dir) -> list[tuple]:
     return [tuple(m[k] for k in LOSSES) for m in read_metrics(output_dir)]
 
 
+def assert_same_epoch(got: tuple, expected: tuple) -> None:
+    """Train loss and accuracy to 1e-4; the validation loss, computed from running statistics
+    after 3 steps of a tiny random network, to 1e-2: float32 reduction order alone moves it by
+    ~0.3% there (and can flip a validation answer), while BatchNorm statistics that were not
+    global across devices would move the train loss itself."""
+    np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-4)
+    np.testing.assert_allclose(got[2], expected[2], rtol=1e-2)
+
+
 def flat_variables(path) -> dict:
     return traverse_util.flatten_dict(load_variables(path), sep="/")
 
@@ -141,7 +150,7 @@ def test_two_devices_give_the_losses_of_one(reference, data, tmp_path_factory, t
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(tmp_path)]
     result = run_train(args, env2)
     assert result.returncode == 0, result.stderr
-    np.testing.assert_allclose(losses(tmp_path)[0], losses(reference[0])[0], rtol=1e-4)
+    assert_same_epoch(losses(tmp_path)[0], losses(reference[0])[0])
 
 
 WORKER = """
@@ -181,7 +190,7 @@ def test_two_processes_end_with_identical_parameters(reference, data, env, tmp_p
         np.testing.assert_array_equal(first[key], second[key])
     # Process 0 alone reports, and the global batch makes it the single-process run.
     assert outputs[0].count("[epoch 1]") == 1 and "[epoch 1]" not in outputs[1]
-    np.testing.assert_allclose(losses(tmp_path)[0], losses(reference[0])[0], rtol=1e-4)
+    assert_same_epoch(losses(tmp_path)[0], losses(reference[0])[0])
 
 
 POISON = """
