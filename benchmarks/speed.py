@@ -16,7 +16,7 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
 - peak RSS (MB): VmHWM of a fresh process that builds the model and runs 3
   train steps (compilation included for ours); the RSS after the imports is shown beside it.
 - train.py --synthetic: images/s from the trainer's own metrics.jsonl (trainer overhead).
-torch gets as many threads as JAX has cores. `--xla-flags` adds `xla_flags.configure_xla`'s options.
+torch gets as many threads as JAX has cores.
 """
 
 from __future__ import annotations
@@ -263,19 +263,10 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, 3 repeats")
     parser.add_argument("--skip-subprocess", action="store_true", help="no first-step/RSS/train.py")
-    parser.add_argument(
-        "--xla-flags",
-        action="store_true",
-        help="add resnet_jax.xla_flags' CPU options (not yet used by train.py/predict.py)",
-    )
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.archs, args.image_size, args.repeats, args.trainer_steps = ["resnet18"], 64, 3, 3
-    if args.xla_flags:
-        from resnet_jax.xla_flags import configure_xla
-
-        configure_xla()  # before JAX starts its CPU backend; subprocesses inherit XLA_FLAGS
     if args.worker:
         print(json.dumps(worker(args.worker, args.archs[0], args.batch, args.image_size)))
         return
