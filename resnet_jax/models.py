@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_jax.errors import UserError
-from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv
+from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 
 ModuleDef = Any
 Dtype = Any
@@ -57,7 +57,7 @@ class Conv(nn.Module):
             # A 1x1 convolution is a matrix product over channels. Written as one, XLA:CPU
             # computes its weight gradient as a plain matmul instead of a slow transposed
             # convolution (about 2x faster ResNet-50 training on CPU).
-            return jnp.dot(x[:, ::s, ::s, :], kernel[0, 0])
+            return pointwise_conv(x[:, ::s, ::s, :], kernel[0, 0])
         if self.groups > 1:
             return grouped_conv(x, kernel, s, p, self.groups)
         if min(x.shape[1:3]) < k:
@@ -156,9 +156,9 @@ class BasicBlock(ResidualBlock):
     """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
 
     expansion: ClassVar[int] = 1
-    # XLA:CPU (YNNPACK) runs back-to-back 3x3 convs on small maps as one fused subgraph, ~5x
-    # slower than patch products: ResNet-34 batch-1 latency 61 -> 29 ms, train step 1.64 ->
-    # 1.52 s at batch 16. Bottleneck's 3x3 convs sit between matmuls; this rule slows them.
+    # XLA:CPU (YNNPACK) runs back-to-back 3x3 convs on small maps as one fused subgraph, much
+    # slower than patch products: ResNet-34 batch-1 latency 60 -> 35 ms, train step 1.64 ->
+    # 1.53 s at batch 16. Bottleneck's 3x3 convs sit between matmuls; this rule slows them.
     patch_pixels: ClassVar[int] = 1024
 
     @nn.compact

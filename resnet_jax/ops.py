@@ -63,6 +63,29 @@ def _grouped_conv_bwd(stride, padding, groups, residuals, dy):
 grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 1x1 convolution, NHWC x (in, out), as one matrix product over channels.
+
+    The kernel gradient is taken over flattened rows: from the 4-D contraction that autodiff
+    writes, XLA:CPU first transposes the output gradient (ResNet-50 step 2.5 -> 1.95 s).
+    """
+    return jnp.dot(x, kernel)
+
+
+def _pointwise_conv_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _pointwise_conv_bwd(residuals, dy):
+    x, kernel = residuals
+    x_rows, dy_rows = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return jnp.dot(dy, kernel.T), jnp.dot(x_rows.T, dy_rows)
+
+
+pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+
+
 def _windows(x: jax.Array, k: int, stride: int, padding: int, fill: float = 0.0) -> list[jax.Array]:
     """The k*k strided views of x padded with `fill`, in row-major window order: view (i, j)
     holds, for each output position, the input under cell (i, j) of its window."""
@@ -83,7 +106,7 @@ def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> ja
     reshaped to (k*k*in, out)."""
     k, c = kernel.shape[0], x.shape[-1]
     patches = jnp.concatenate(_windows(x, k, stride, padding), axis=-1)
-    return jnp.dot(patches, kernel.reshape(k * k * c, -1))
+    return pointwise_conv(patches, kernel.reshape(k * k * c, -1))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_reference import nchw, relative_error
 
-from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv
+from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 8, 10, 3), (1, 2, 2, 4)])
@@ -34,8 +34,25 @@ def test_patch_conv_equals_xla_convolution(size, k, stride, padding):
     rng = np.random.RandomState(1)
     x = jnp.asarray(rng.randn(2, size, size + 1, 4), jnp.float32)
     w = jnp.asarray(rng.randn(k, k, 4, 5), jnp.float32)
-    want = conv2d(x, w, stride, padding)
-    assert relative_error(patch_conv(x, w, stride, padding), want) < 1e-6
+    ours, ours_vjp = jax.vjp(lambda x, w: patch_conv(x, w, stride, padding), x, w)
+    xla, xla_vjp = jax.vjp(lambda x, w: conv2d(x, w, stride, padding), x, w)
+    assert relative_error(ours, xla) < 1e-6
+    dy = jnp.asarray(rng.randn(*xla.shape), jnp.float32)
+    for got, want in zip(ours_vjp(dy), xla_vjp(dy)):
+        assert relative_error(got, want) < 1e-5
+
+
+def test_pointwise_conv_and_its_gradients_equal_a_1x1_convolution():
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randn(2, 5, 6, 8), jnp.float32)
+    w = jnp.asarray(rng.randn(8, 12), jnp.float32)
+    ours, ours_vjp = jax.vjp(pointwise_conv, x, w)
+    xla, xla_vjp = jax.vjp(lambda x, w: conv2d(x, w[None, None], 1, 0), x, w)
+    assert relative_error(ours, xla) < 1e-6
+    dy = jnp.asarray(rng.randn(*xla.shape), jnp.float32)
+    for got, want in zip(ours_vjp(dy), xla_vjp(dy)):
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 1e-6
 
 
 @pytest.mark.parametrize(("groups", "stride"), [(4, 1), (2, 2)])
