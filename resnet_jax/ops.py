@@ -1,8 +1,8 @@
 """Convolution and pooling written so that XLA:CPU runs them fast; same results as XLA's own.
 
-Each works around a slow path of XLA:CPU found by profiling ResNet training steps (see
-benchmarks/speed.py): grouped kernel gradients, convolutions of inputs smaller than their
-window, and max-pooling's generic gradient.
+Each works around a slow path of XLA:CPU found by profiling ResNet steps (benchmarks/speed.py):
+grouped convolutions, 1x1 kernel gradients, convolutions of small inputs, and max-pooling's
+generic gradient.
 """
 
 from __future__ import annotations
