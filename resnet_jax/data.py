@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet_jax.errors import UserError, atomic_write
+from resnet_jax.errors import UserError
+from resnet_jax.files import atomic_write
 from resnet_jax.transforms import BadImage, eval_transform_uint8, load_rgb, random_resized_crop_flip
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from resnet_jax import transforms
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.convert import num_classes_of, resolve_arch
 from resnet_jax.data import IMAGE_EXTENSIONS, read_class_indices
-from resnet_jax.errors import UserError, atomic_write
+from resnet_jax.errors import UserError
+from resnet_jax.files import atomic_write
 from resnet_jax.models import ResNet, create_model
 
 PROGRESS_THRESHOLD = 100  # show a progress bar from this many images on

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from resnet_jax.errors import atomic_write
+from resnet_jax.files import atomic_write
 
 
 def say(message: str) -> None:

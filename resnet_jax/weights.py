@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from resnet_jax.cache import default_cache_dir
 from resnet_jax.convert import flax_to_torch, resolve_arch, torch_to_flax
-from resnet_jax.errors import UserError, atomic_write
+from resnet_jax.errors import UserError
+from resnet_jax.files import atomic_write
 from resnet_jax.torch_format import load_torch_state_dict
 
 # torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py). The hex part of each file

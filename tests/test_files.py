@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from resnet_jax.errors import atomic_write
+from resnet_jax.files import atomic_write
 
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
