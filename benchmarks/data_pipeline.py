@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as tv
 
-from resnet_jax.data import ImageFolderSource, Loader, open_image_folder
+from resnet_jax.data import Loader
+from resnet_jax.sources import ImageFolderSource, open_image_folder
 from resnet_jax.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 

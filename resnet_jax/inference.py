@@ -26,10 +26,10 @@ from tqdm import tqdm
 from resnet_jax import transforms
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.convert import num_classes_of, resolve_arch
-from resnet_jax.data import IMAGE_EXTENSIONS, read_class_indices
 from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
 from resnet_jax.models import ResNet, create_model
+from resnet_jax.sources import IMAGE_EXTENSIONS, find_image_files, read_class_indices
 
 PROGRESS_THRESHOLD = 100  # show a progress bar from this many images on
 EXIT_SKIPPED = 2  # exit status of a run that predicted some images and skipped others
@@ -59,13 +59,12 @@ def imagenet_classes() -> list[str]:
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given and, for each directory, its image files (recursively, sorted by path)."""
+    """Files as given and, for each directory, its image files (recursively, sorted by path;
+    hidden ones skipped, as in training)."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(
-                p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            found = sorted(map(Path, find_image_files(item)))
             if not found:
                 raise UserError(
                     f"The folder {item} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "

@@ -14,8 +14,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax.data import Source
 from resnet_jax.errors import UserError
+from resnet_jax.sources import Source, check_val_fraction
 from resnet_jax.transforms import BadImage
 
 PROBE_TIMEOUT_S = 10.0
@@ -147,10 +147,7 @@ def split_names(splits: Any, val_fraction: float) -> tuple[str, str]:
     for val in ("validation", "test"):
         if val in splits:
             return "train", val
-    if not 0 < val_fraction < 1:
-        raise UserError(
-            f"val_fraction must be between 0 and 1 to split tfds 'train', got {val_fraction}."
-        )
+    check_val_fraction(val_fraction, "tfds 'train'")
     percent = f"{round(val_fraction * 100, 6):g}%"
     return f"train[:-{percent}]", f"train[-{percent}:]"
 

@@ -110,7 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if data.classes is not None:
-            from resnet_jax.data import write_class_indices
+            from resnet_jax.sources import write_class_indices
 
             write_class_indices(out / "class_indices.json", data.classes)
     if history:  # a kill may have come between a checkpoint and the metrics it records

@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import data, tfds_source
+from resnet_jax import sources, tfds_source
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
 
@@ -88,12 +88,12 @@ def test_single_folder_split_is_deterministic_and_per_class(tmp_path):
 
 def test_split_rule_ignores_listing_order_and_is_stable_under_additions():
     files = [f"/d/cat/{i}.jpg" for i in range(50)]
-    _, val = data.split_by_fraction(files, 0.1, "/d/cat")
-    _, val_shuffled = data.split_by_fraction(files[::-1], 0.1, "/d/cat")
+    _, val = sources.split_by_fraction(files, 0.1, "/d/cat")
+    _, val_shuffled = sources.split_by_fraction(files[::-1], 0.1, "/d/cat")
     assert set(val) == set(val_shuffled) and len(val) == 5
-    _, val_more = data.split_by_fraction([*files, "/d/cat/new.jpg"], 0.1, "/d/cat")
+    _, val_more = sources.split_by_fraction([*files, "/d/cat/new.jpg"], 0.1, "/d/cat")
     assert len(set(val) ^ set(val_more)) <= 2  # at most one file moved
-    _, val_moved = data.split_by_fraction([f"/e/x/{i}.jpg" for i in range(50)], 0.1, "/e/x")
+    _, val_moved = sources.split_by_fraction([f"/e/x/{i}.jpg" for i in range(50)], 0.1, "/e/x")
     assert [v.replace("/e/x", "/d/cat") for v in val_moved] == val  # same split elsewhere
 
 
@@ -161,15 +161,15 @@ def test_val_fraction_that_leaves_no_val_images_is_an_error(tmp_path):
 
 def test_class_indices_round_trip_in_the_seed_format(tmp_path):
     path = tmp_path / "out" / "class_indices.json"
-    data.write_class_indices(path, ["daisy", "roses"])
+    sources.write_class_indices(path, ["daisy", "roses"])
     assert path.read_text() == json.dumps({"0": "daisy", "1": "roses"}, indent=4)
-    assert data.read_class_indices(path) == ["daisy", "roses"]
+    assert sources.read_class_indices(path) == ["daisy", "roses"]
     assert [p.name for p in path.parent.iterdir()] == ["class_indices.json"]  # no temp left
     with pytest.raises(UserError, match="does not exist"):
-        data.read_class_indices(tmp_path / "missing.json")
+        sources.read_class_indices(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"1": "daisy"}')
     with pytest.raises(UserError, match="not a class index file"):
-        data.read_class_indices(tmp_path / "bad.json")
+        sources.read_class_indices(tmp_path / "bad.json")
 
 
 # ---------------------------------------------------------------- Loader
@@ -278,7 +278,7 @@ def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
     truncated = tmp_path / "b" / "img2.jpg"
     truncated.write_bytes(truncated.read_bytes()[:200])
     (tmp_path / "train").mkdir()
-    source = data.ImageFolderSource(
+    source = sources.ImageFolderSource(
         [(str(tmp_path / c / f"img{i}.jpg"), int(c == "b")) for c in "ab" for i in range(4)],
         ["a", "b"],
     )
@@ -308,7 +308,7 @@ def test_stopping_early_shuts_the_worker_threads_down(folder):
 def test_exiting_mid_epoch_neither_hangs_nor_prints(tmp_path):
     make_folder(tmp_path / "images", {"a": 6, "b": 6})
     script = (
-        "from resnet_jax.data import Loader, open_image_folder\n"
+        "from resnet_jax.data import Loader\nfrom resnet_jax.sources import open_image_folder\n"
         f"train, _, _ = open_image_folder({str(tmp_path / 'images')!r}, 0.5)\n"
         "epoch = Loader(train, 2, train=True, image_size=16, workers=2, prefetch=2).epoch(0)\n"
         "next(epoch)\n"  # exit with the generator still referenced and work queued
@@ -339,8 +339,8 @@ def test_tfds_mock_data_gives_sources_and_batches(tmp_path, monkeypatch):
 def test_val_count_follows_the_seed():
     # tf_flowers' classes: the seed's split_data.py keeps int(n * 0.1) of each for val.
     flowers = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
-    assert sum(data.val_count(n, 0.1) for n in flowers.values()) == 364
-    assert [data.val_count(n, 0.1) for n in (0, 1, 2, 5, 19, 20)] == [0, 0, 1, 1, 1, 2]
+    assert sum(sources.val_count(n, 0.1) for n in flowers.values()) == 364
+    assert [sources.val_count(n, 0.1) for n in (0, 1, 2, 5, 19, 20)] == [0, 0, 1, 1, 1, 2]
 
 
 def test_tfds_split_names():

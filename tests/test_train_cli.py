@@ -23,7 +23,7 @@ from train_helpers import (
     train_env,
 )
 
-from resnet_jax.data import read_class_indices
+from resnet_jax.sources import read_class_indices
 from resnet_jax.weights import load_variables
 
 LOSSES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
