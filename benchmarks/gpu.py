@@ -32,8 +32,10 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.models import create_model
+from resnet_jax.optim import make_optimizer
 from resnet_jax.parallel import DataParallel
-from resnet_jax.training import create_state, make_optimizer, zero_totals
+from resnet_jax.steps import create_state, zero_totals
+from resnet_jax.synthetic import synthetic_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_FLOPS = {"bfloat16": 989e12, "float32": 494e12}  # H200 SXM, dense
@@ -62,7 +64,7 @@ def throughput(arch: str, dtype: str, batch: int, size: int, steps: int) -> dict
     tx = make_optimizer("adam", 1e-4, 0.0)
     make_state = jax.jit(lambda v: create_state(model.apply, tx, v), out_shardings=dp.replicated)
     state = make_state(variables)
-    batches = list(dp.synthetic_batches(jax.random.key(1), 2, batch, size, 1000))
+    batches = list(synthetic_batches(dp.batch, jax.random.key(1), 2, batch, size, 1000))
     totals = dp.replicate(zero_totals())
     train_step, eval_step = dp.jit_train_step(), dp.jit_eval_step()
     flops = step_flops(train_step.lower(state, batches[0], totals))

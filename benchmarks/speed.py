@@ -72,8 +72,9 @@ def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
     import jax.numpy as jnp
 
     from resnet_jax.models import create_model
+    from resnet_jax.optim import make_optimizer
     from resnet_jax.parallel import DataParallel
-    from resnet_jax.training import create_state, make_optimizer, zero_totals
+    from resnet_jax.steps import create_state, zero_totals
 
     dp = DataParallel()
     model = create_model(arch)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from resnet_jax.training import TrainState
+from resnet_jax.steps import TrainState
 
 
 def _ranking(metrics: dict) -> tuple[float, int]:

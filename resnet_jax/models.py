@@ -265,6 +265,12 @@ def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
     return jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2)).astype(jnp.float32)
 
 
+def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int = 32) -> dict:
+    """Fresh {'params', 'batch_stats'} from one blank image (the shapes do not depend on its size)."""
+    key = jax.random.key(0) if key is None else key
+    return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)
+
+
 def resnet18(**kwargs: Any) -> ResNet:
     """ResNet-18. Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields."""
     return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)

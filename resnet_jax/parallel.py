@@ -14,12 +14,11 @@ from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from resnet_jax.errors import UserError
-from resnet_jax.training import Batch, eval_step, train_step
+from resnet_jax.steps import Batch, eval_step, train_step
 
 
 def init_distributed(
@@ -98,20 +97,3 @@ class DataParallel:
         """`eval_step` compiled for the mesh."""
         r = self.replicated
         return jax.jit(eval_step, in_shardings=(r, self.batch, r), out_shardings=r)
-
-    def synthetic_batches(
-        self, key: jax.Array, steps: int, batch_size: int, image_size: int, num_classes: int
-    ) -> Iterator[Batch]:
-        """Random uint8 images and labels made directly on the devices: no host work, no copies."""
-
-        @partial(jax.jit, static_argnums=0, out_shardings=self.batch)
-        def make(shape, key):
-            k1, k2 = jax.random.split(key)
-            return {
-                "image": jax.random.bits(k1, shape, jnp.uint8),
-                "label": jax.random.randint(k2, shape[:1], 0, num_classes, jnp.int32),
-                "mask": jnp.ones(shape[:1], bool),
-            }
-
-        for step in range(steps):
-            yield make((batch_size, image_size, image_size, 3), jax.random.fold_in(key, step))

@@ -22,18 +22,13 @@ import jax.numpy as jnp
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.checkpoint import Checkpoints
 from resnet_jax.errors import UserError
-from resnet_jax.models import ResNet, create_model
+from resnet_jax.models import ResNet, create_model, init_variables
+from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
 from resnet_jax.reporting import epoch_line, progress_bar, say, write_metrics
-from resnet_jax.training import (
-    FREEZE,
-    TrainState,
-    create_state,
-    initial_variables,
-    make_optimizer,
-    make_schedule,
-    zero_totals,
-)
+from resnet_jax.steps import TrainState, create_state, zero_totals
+from resnet_jax.synthetic import synthetic_batches
+from resnet_jax.transfer import initial_variables
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SYNTHETIC_CLASSES = 1000  # an ImageNet-sized head, so throughput matches the usual benchmarks
@@ -221,8 +216,8 @@ class _Data:
         c = self.config
         if c.synthetic:
             key = jax.random.fold_in(jax.random.key(c.seed), epoch)
-            return self.dp.synthetic_batches(
-                key, self.steps, c.batch_size, c.image_size, self.num_classes
+            return synthetic_batches(
+                self.dp.batch, key, self.steps, c.batch_size, c.image_size, self.num_classes
             )
         return self.dp.prefetch(self.train_loader.epoch(epoch))
 
@@ -250,9 +245,7 @@ def _start(
         variables, message = initial_variables(model, config.arch, config.weights, config.seed)
         say(message)
         return make_state(dp.replicate(variables)), []
-    abstract = jax.eval_shape(
-        lambda: make_state(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    )
+    abstract = jax.eval_shape(lambda: make_state(init_variables(model)))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
     )

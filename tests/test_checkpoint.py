@@ -10,7 +10,8 @@ import numpy as np
 import optax
 
 from resnet_jax.checkpoint import Checkpoints
-from resnet_jax.training import TrainState, make_optimizer
+from resnet_jax.optim import make_optimizer
+from resnet_jax.steps import TrainState
 
 
 def small_state(seed: int = 0) -> TrainState:

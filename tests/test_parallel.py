@@ -1,4 +1,4 @@
-"""resnet_jax.parallel on the local devices: sharding, prefetch, synthetic data. Runs on 2
+"""resnet_jax.parallel on the local devices: sharding, prefetch, distributed setup. Runs on 2
 devices and in 2 processes, and the batch-size check, are end to end in test_train_cli.py."""
 
 from __future__ import annotations
@@ -27,19 +27,6 @@ def test_replicate_puts_the_same_values_everywhere():
     tree = dp.replicate({"w": np.arange(6.0).reshape(2, 3)})
     assert tree["w"].sharding == dp.replicated
     np.testing.assert_array_equal(jax.device_get(tree["w"]), np.arange(6.0).reshape(2, 3))
-
-
-def test_synthetic_batches_are_uint8_labelled_and_reproducible():
-    dp = DataParallel()
-    key = jax.random.key(3)
-    first = list(dp.synthetic_batches(key, 2, batch_size=2, image_size=8, num_classes=10))
-    again = list(dp.synthetic_batches(key, 2, batch_size=2, image_size=8, num_classes=10))
-    assert len(first) == 2 and first[0]["image"].dtype == np.uint8
-    assert first[0]["image"].shape == (2, 8, 8, 3) and bool(first[0]["mask"].all())
-    labels = np.asarray(first[0]["label"])
-    assert labels.min() >= 0 and labels.max() < 10
-    np.testing.assert_array_equal(first[1]["image"], again[1]["image"])
-    assert not np.array_equal(first[0]["image"], first[1]["image"])
 
 
 def test_single_process_needs_no_distributed_setup(monkeypatch):
