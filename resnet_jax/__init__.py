@@ -1,40 +1,69 @@
-"""resnet_jax: torchvision's ResNet and ResNeXt family in JAX/Flax, weights included."""
+"""resnet_jax: torchvision's ResNet and ResNeXt family in JAX/Flax, weights included.
 
-from resnet_jax.convert import check_variables, detect_arch, flax_to_torch, torch_to_flax
-from resnet_jax.errors import UserError
-from resnet_jax.models import (
-    ARCHS,
-    BasicBlock,
-    BatchNorm,
-    Bottleneck,
-    ResNet,
-    create_model,
-    pooled_features,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    wide_resnet50_2,
-    wide_resnet101_2,
-)
+The names below are loaded on first use, so that `import resnet_jax.cli` (and `--help`) does
+not wait for JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("check_variables", "detect_arch", "flax_to_torch", "torch_to_flax"), "convert"),
+    "UserError": "errors",
+    **dict.fromkeys(
+        ("ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "create_model",
+         "init_variables", "pooled_features", "resnet18", "resnet34", "resnet50", "resnet101",
+         "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+         "wide_resnet50_2", "wide_resnet101_2"),
+        "models",
+    ),
+    **dict.fromkeys(("load_variables", "save_variables"), "weights"),
+}  # fmt: skip
 
 __all__ = [
-    "ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "UserError",
-    "check_variables", "create_model", "detect_arch", "flax_to_torch", "load_variables",
+    "ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "UserError", "check_variables",
+    "create_model", "detect_arch", "flax_to_torch", "init_variables", "load_variables",
     "pooled_features", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "save_variables",
     "torch_to_flax", "wide_resnet50_2", "wide_resnet101_2",
 ]  # fmt: skip
 
+if TYPE_CHECKING:
+    from resnet_jax.convert import check_variables, detect_arch, flax_to_torch, torch_to_flax
+    from resnet_jax.errors import UserError
+    from resnet_jax.models import (
+        ARCHS,
+        BasicBlock,
+        BatchNorm,
+        Bottleneck,
+        ResNet,
+        create_model,
+        init_variables,
+        pooled_features,
+        resnet18,
+        resnet34,
+        resnet50,
+        resnet101,
+        resnet152,
+        resnext50_32x4d,
+        resnext101_32x8d,
+        resnext101_64x4d,
+        wide_resnet50_2,
+        wide_resnet101_2,
+    )
+    from resnet_jax.weights import load_variables, save_variables
 
-def __getattr__(name: str):
-    # weights.py pulls in safetensors/flax serialization; import it only when asked for.
-    if name in ("save_variables", "load_variables"):
-        from resnet_jax import weights
 
-        return getattr(weights, name)
-    raise AttributeError(f"module 'resnet_jax' has no attribute '{name}'")
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'resnet_jax' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"resnet_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import jax
 
+__all__ = ["default_cache_dir", "enable_compilation_cache"]
+
 
 def default_cache_dir() -> Path:
     """$RESNET_JAX_CACHE, else $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax."""

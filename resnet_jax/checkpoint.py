@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 
 from resnet_jax.steps import TrainState
 
+__all__ = ["Checkpoints"]
+
 
 def _ranking(metrics: dict) -> tuple[float, int]:
     # Higher accuracy wins; on a tie the earlier epoch stays best, like best.msgpack.

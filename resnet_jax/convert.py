@@ -19,6 +19,17 @@ import numpy as np
 from resnet_jax.errors import UserError
 from resnet_jax.models import ARCHS, BasicBlock, Bottleneck
 
+__all__ = [
+    "Variables",
+    "check_variables",
+    "detect_arch",
+    "expected_shapes",
+    "flax_to_torch",
+    "num_classes_of",
+    "resolve_arch",
+    "torch_to_flax",
+]
+
 Variables = dict[str, Any]
 
 # (torch leaf name, rank) -> (Flax collection, Flax leaf name)

@@ -1,4 +1,4 @@
-"""Prediction: weights file -> model, images -> class probabilities, and the ways to show them.
+"""Prediction: weights file -> model, images -> class probabilities (shown by predict_output).
 
 `Predictor.load` reads a `.msgpack`, `.safetensors` or `.pth`, finds the architecture from the
 tensor shapes and the class names next to the weights. `Predictor.predict_files` runs fixed-size
@@ -7,9 +7,6 @@ jitted batches (the last one padded), so XLA compiles the model once per run.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -24,18 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from resnet_jax import transforms
-from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.convert import num_classes_of, resolve_arch
+from resnet_jax.data import default_workers
 from resnet_jax.errors import UserError
-from resnet_jax.files import atomic_write
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.sources import IMAGE_EXTENSIONS, find_image_files, read_class_indices
 
+__all__ = ["Prediction", "Predictor", "find_images", "imagenet_classes", "load_class_names"]
+
 PROGRESS_THRESHOLD = 100  # show a progress bar from this many images on
-EXIT_SKIPPED = 2  # exit status of a run that predicted some images and skipped others
-SEED_TOP_K = 5  # rows printed per image for heads with more than 10 classes
-SEED_LINE = "class: {:10} prob: {:.3}"  # the seed's printed line
-SEED_TITLE = "class: {} prob: {:.3}"  # and the seed's plot title
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ class Predictor:
 
         names: list[str] = []
         arrays: list[np.ndarray] = []
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=default_workers()) as pool:
             for start in range(0, len(paths), size):
                 chunk = paths[start : start + size]
                 for path, image in zip(chunk, pool.map(load, chunk)):
@@ -210,157 +204,3 @@ class Predictor:
                 bar.update(len(chunk))
         if names:
             yield names, np.stack(arrays)
-
-
-def format_text(
-    predictions: Sequence[Prediction], classes: Sequence[str], top_k: int | None = None
-) -> str:
-    """The seed's lines `class: daisy      prob: 0.981`: every class in index order for heads
-    of up to 10 classes, else (or with `top_k`) the top-k, highest first; one header per image."""
-    index_order = top_k is None and len(classes) <= 10
-    k = top_k or SEED_TOP_K
-    lines = []
-    for p in predictions:
-        if len(predictions) > 1:
-            lines.append(f"{p.image}:")
-        for i in range(len(classes)) if index_order else p.ranked(k):
-            lines.append(SEED_LINE.format(classes[i], float(p.probs[i])))
-    return "\n".join(lines)
-
-
-def to_records(
-    predictions: Sequence[Prediction], classes: Sequence[str], top_k: int | None = None
-) -> list[dict[str, Any]]:
-    """The --json document: per image, predictions sorted by probability (all, or the top-k)."""
-    return [
-        {
-            "image": p.image,
-            "predictions": [
-                {"index": i, "class": classes[i], "prob": float(p.probs[i])}
-                for i in p.ranked(top_k)
-            ],
-        }
-        for p in predictions
-    ]
-
-
-def write_output(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-    """Write `to_records` output atomically: `.json` as the --json document, `.csv` one row
-    per (image, prediction) with columns image, rank, index, class, prob."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".json":
-        text = json.dumps(records, indent=2) + "\n"
-    elif suffix == ".csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["image", "rank", "index", "class", "prob"])
-        for r in records:
-            for rank, p in enumerate(r["predictions"], start=1):
-                writer.writerow([r["image"], rank, p["index"], p["class"], repr(p["prob"])])
-        text = buffer.getvalue()
-    else:
-        raise UserError(f"--output {path}: use a file name ending in .csv or .json.")
-    with atomic_write(path, mode="w") as f:
-        f.write(text)
-
-
-def _pyplot(show: bool) -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError(
-            "Plotting needs matplotlib; install it with `pip install resnet_jax[plot]`."
-        ) from None
-    if not show:
-        matplotlib.use("Agg")  # write the file without needing a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-MAX_PLOTTED = 16
-
-
-def plot(
-    predictions: Sequence[Prediction],
-    classes: Sequence[str],
-    save_path: str | os.PathLike | None = None,
-    show: bool = True,
-) -> None:
-    """The images titled `class: sunflowers prob: 0.97` as the seed shows them (up to 16)."""
-    plt = _pyplot(show)
-    shown = predictions[:MAX_PLOTTED]
-    if len(predictions) > MAX_PLOTTED:
-        print(f"Plotting the first {MAX_PLOTTED} of {len(predictions)} images.", file=sys.stderr)
-    cols = min(len(shown), 4)
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, p in zip(axes.flat, shown):
-        top = p.ranked(1)[0]
-        ax.imshow(transforms.load_rgb(p.image))
-        ax.set_title(SEED_TITLE.format(classes[top], float(p.probs[top])))
-    fig.tight_layout()
-    if save_path is not None:
-        suffix = Path(save_path).suffix.lstrip(".") or "png"
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=suffix)
-        with atomic_write(save_path, mode="wb") as f:
-            f.write(buffer.getvalue())
-    if show:
-        plt.show()
-    plt.close(fig)
-
-
-def predict_cli(
-    images: Sequence[str],
-    weights: str,
-    class_indices: str | None = None,
-    arch: str | None = None,
-    top_k: int | None = None,
-    json_output: bool = False,
-    plot_images: bool = False,
-    save_plot: str | None = None,
-    output: str | None = None,
-    batch_size: int = 32,
-) -> int:
-    """What `predict.py` does; returns the exit status (0, or EXIT_SKIPPED if images were
-    skipped). Raises UserError for anything that stops the whole run."""
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be at least 1, not {top_k}.")
-    if output is not None and Path(output).suffix.lower() not in (".csv", ".json"):
-        raise UserError(f"--output {output}: use a file name ending in .csv or .json.")
-    if plot_images or save_plot:
-        _pyplot(plot_images)  # fail before the slow part if matplotlib is missing
-    paths = find_images(images)
-
-    enable_compilation_cache()  # a second run with the same batch shape skips compilation
-    predictor = Predictor.load(weights, arch, class_indices)
-    skipped: list[transforms.BadImage] = []
-
-    def on_skip(error: transforms.BadImage) -> None:
-        skipped.append(error)
-        print(f"skipped: {error}", file=sys.stderr)
-
-    # One image on its own fails the run; among several, a bad one is reported and skipped.
-    predictions = predictor.predict_files(paths, batch_size, on_skip if len(paths) > 1 else None)
-    if not predictions:
-        raise UserError(f"None of the {len(paths)} images could be read; see the lines above.")
-
-    classes = predictor.classes
-    if json_output:
-        print(json.dumps(to_records(predictions, classes, top_k), indent=2))
-    else:
-        print(format_text(predictions, classes, top_k))
-    if output is not None:
-        write_output(output, to_records(predictions, classes, top_k))
-    if plot_images or save_plot:
-        plot(predictions, classes, save_plot, show=plot_images)
-    if skipped:
-        print(
-            f"{len(skipped)} of {len(paths)} images could not be read and were skipped.",
-            file=sys.stderr,
-        )
-        return EXIT_SKIPPED
-    return 0

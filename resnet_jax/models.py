@@ -20,6 +20,30 @@ from jax import lax
 from resnet_jax.errors import UserError
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 
+__all__ = [
+    "ARCHS",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "Conv",
+    "Downsample",
+    "ResNet",
+    "ResidualBlock",
+    "create_model",
+    "init_variables",
+    "pooled_features",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+
 ModuleDef = Any
 Dtype = Any
 

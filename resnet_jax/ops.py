@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["block_diagonal", "conv2d", "grouped_conv", "max_pool", "patch_conv", "pointwise_conv"]
+
 
 def conv2d(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1

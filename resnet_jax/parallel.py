@@ -20,6 +20,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from resnet_jax.errors import UserError
 from resnet_jax.steps import Batch, eval_step, train_step
 
+__all__ = ["DataParallel", "init_distributed"]
+
 
 def init_distributed(
     address: str | None, num_processes: int | None, process_id: int | None

@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from resnet_jax.files import atomic_write
 
+__all__ = ["epoch_line", "print_once", "progress_bar", "write_curves", "write_metrics"]
 
-def say(message: str) -> None:
+
+def print_once(message: str) -> None:
     """Print a line on stdout (process 0 only) without breaking the progress bars."""
     if jax.process_index() == 0:
         tqdm.write(message, file=sys.stdout)

@@ -18,6 +18,8 @@ from resnet_jax.errors import UserError
 from resnet_jax.sources import Source, check_val_fraction
 from resnet_jax.transforms import BadImage
 
+__all__ = ["TfdsSource", "check_download", "open_tfds", "split_names"]
+
 PROBE_TIMEOUT_S = 10.0
 _USE_FOLDER = "pass --data-dir with an ImageFolder instead"
 

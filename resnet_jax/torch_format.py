@@ -23,6 +23,8 @@ import numpy as np
 
 from resnet_jax.errors import UserError
 
+__all__ = ["load_torch_state_dict"]
+
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 torch.save file
 LEGACY_PROTOCOL_VERSION = 1001
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -17,57 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.checkpoint import Checkpoints
+from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
+from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
 from resnet_jax.models import ResNet, create_model, init_variables
 from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
-from resnet_jax.reporting import epoch_line, progress_bar, say, write_metrics
+from resnet_jax.reporting import epoch_line, print_once, progress_bar, write_metrics
+from resnet_jax.sources import write_class_indices
 from resnet_jax.steps import TrainState, create_state, zero_totals
 from resnet_jax.synthetic import synthetic_batches
 from resnet_jax.transfer import initial_variables
+from resnet_jax.weights import save_variables
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["TrainResult", "train"]
+
 SYNTHETIC_CLASSES = 1000  # an ImageNet-sized head, so throughput matches the usual benchmarks
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every option of a training run; `train.py`'s flags map one to one onto these fields."""
-
-    arch: str = "resnet34"
-    data_dir: str | None = None
-    dataset: str = "tf_flowers"
-    val_fraction: float = 0.1
-    weights: str | None = None  # 'imagenet', 'none' or a file; None: imagenet ('none' if synthetic)
-    freeze: str = "none"
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float | None = None  # None: torch's default, 0 (adam, sgd) or 0.01 (adamw)
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    batch_size: int = 16
-    epochs: int = 3
-    image_size: int = 224
-    dtype: str = "float32"
-    workers: int = 0
-    seed: int = 0
-    output_dir: str | None = None  # None: runs/<arch>
-    resume: bool = False
-    synthetic: int = 0  # > 0: that many steps per epoch on random device data
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-
-
-# Options that define a run: `--resume` refuses to continue a run with different values.
-RUN_KEYS = ("arch", "data_dir", "dataset", "val_fraction", "freeze", "optimizer", "lr",
-            "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "batch_size",
-            "image_size", "dtype", "seed")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -83,11 +50,11 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run described by `config`; see the module docstring."""
     init_distributed(config.coordinator_address, config.num_processes, config.process_id)
     enable_compilation_cache()
-    config = _resolve(config)
+    config = resolve(config)
     dp = DataParallel()
     dp.check_batch_size(config.batch_size)
     out = Path(config.output_dir)
-    data = _Data(config, dp)
+    data = _TrainValBatches(config, dp)
     model = create_model(
         config.arch,
         num_classes=data.num_classes,
@@ -105,14 +72,12 @@ def train(config: TrainConfig) -> TrainResult:
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if data.classes is not None:
-            from resnet_jax.sources import write_class_indices
-
             write_class_indices(out / "class_indices.json", data.classes)
     if history:  # a kill may have come between a checkpoint and the metrics it records
         write_metrics(out, history)
 
     if len(history) >= config.epochs:
-        say(f"{out} is already trained for {len(history)} epochs; raise --epochs to go on.")
+        print_once(f"{out} is already trained for {len(history)} epochs; raise --epochs to go on.")
     train_step, eval_step = dp.jit_train_step(config.label_smoothing), dp.jit_eval_step()
     compiled = False
     try:
@@ -145,7 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
                 record["first_step_seconds"] = compile_s
             history.append(record)
             _save_epoch(out, config, state, history, ckpts, data.classes)
-            say(epoch_line(record))
+            print_once(epoch_line(record))
     finally:
         if ckpts is not None:
             ckpts.close()  # waits for the last (asynchronous) checkpoint write
@@ -156,36 +121,7 @@ def train(config: TrainConfig) -> TrainResult:
 # Setup
 
 
-def _resolve(config: TrainConfig) -> TrainConfig:
-    """Check the options that need no data and fill in the defaults that depend on others."""
-    create_model(config.arch)  # UserError for an unknown name
-    choices = {
-        "freeze": FREEZE,
-        "dtype": DTYPES,
-        "optimizer": ("adam", "adamw", "sgd"),
-        "schedule": ("constant", "cosine"),
-    }
-    for key, allowed in choices.items():
-        if getattr(config, key) not in allowed:
-            raise UserError(
-                f"Unknown --{key} '{getattr(config, key)}'; choose one of: {', '.join(allowed)}."
-            )
-    if config.schedule == "cosine" and config.warmup_epochs >= config.epochs:
-        raise UserError(
-            f"--warmup-epochs {config.warmup_epochs} leaves no epoch for the cosine decay; "
-            f"use fewer than --epochs {config.epochs}."
-        )
-    default_wd = 0.01 if config.optimizer == "adamw" else 0.0
-    return dataclasses.replace(
-        config,
-        weights=config.weights or ("none" if config.synthetic else "imagenet"),
-        weight_decay=default_wd if config.weight_decay is None else config.weight_decay,
-        data_dir=None if config.data_dir is None else os.path.abspath(config.data_dir),
-        output_dir=config.output_dir or os.path.join("runs", config.arch),
-    )
-
-
-class _Data:
+class _TrainValBatches:
     """Training and validation batches, already on the devices, plus the class names."""
 
     def __init__(self, config: TrainConfig, dp: DataParallel) -> None:
@@ -194,8 +130,6 @@ class _Data:
             self.classes, self.num_classes = None, SYNTHETIC_CLASSES
             self.steps, self.val_steps = config.synthetic, 0
             return
-        from resnet_jax.data import Loader, open_datasets
-
         train, val, self.classes = open_datasets(
             config.data_dir, config.dataset, val_fraction=config.val_fraction
         )
@@ -241,9 +175,9 @@ def _start(
         )
     if latest is None:
         if config.resume and ckpts:
-            say(f"No checkpoint in {ckpts.directory} to resume from; starting a new run.")
+            print_once(f"No checkpoint in {ckpts.directory} to resume from; starting a new run.")
         variables, message = initial_variables(model, config.arch, config.weights, config.seed)
-        say(message)
+        print_once(message)
         return make_state(dp.replicate(variables)), []
     abstract = jax.eval_shape(lambda: make_state(init_variables(model)))
     abstract = jax.tree.map(
@@ -264,7 +198,7 @@ def _start(
             + ", ".join(changed)
             + "; pass the same values, or choose another --output-dir for a new run."
         )
-    say(f"Resuming {config.output_dir} after epoch {latest}.")
+    print_once(f"Resuming {config.output_dir} after epoch {latest}.")
     return ckpts.restore(abstract, latest), meta["history"]
 
 
@@ -314,7 +248,7 @@ def _train_epoch(
 
 
 def _evaluate(
-    step_fn: Callable, state: TrainState, data: _Data, dp: DataParallel, epoch: int
+    step_fn: Callable, state: TrainState, data: _TrainValBatches, dp: DataParallel, epoch: int
 ) -> dict:
     """Mean validation loss and accuracy over the real (mask True) rows."""
     totals = dp.replicate(zero_totals())
@@ -358,8 +292,6 @@ def _save_epoch(
         )
         if improved and jax.process_index() == 0:
             # Before the checkpoint: a kill in between redoes this epoch and rewrites the file.
-            from resnet_jax.weights import save_variables
-
             best = {"params": state.params, "batch_stats": state.batch_stats}
             save_variables(out / "best.msgpack", best)
         meta = {

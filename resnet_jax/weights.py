@@ -27,6 +27,15 @@ from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
 from resnet_jax.torch_format import load_torch_state_dict
 
+__all__ = [
+    "WEIGHT_URLS",
+    "convert_file",
+    "load_variables",
+    "pretrained_path",
+    "save_variables",
+    "torch_hub_dir",
+]
+
 # torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py). The hex part of each file
 # name is a prefix of the file's sha256, the torch hub convention checked after download.
 WEIGHT_URLS: dict[str, str] = {

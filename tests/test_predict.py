@@ -17,7 +17,8 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from resnet_jax import inference
+from resnet_jax import inference, predict_output
+from resnet_jax.cli.predict import EXIT_SKIPPED
 from resnet_jax.errors import UserError
 from resnet_jax.inference import Prediction, Predictor
 
@@ -172,7 +173,7 @@ def _prediction(name: str, probs: list[float]) -> Prediction:
 
 def test_printed_format_seed_lines_in_index_order():
     p = _prediction("a.jpg", [0.01, 0.005, 0.004, 0.981, 0.0])
-    text = inference.format_text([p], CLASSES)
+    text = predict_output.format_text([p], CLASSES)
     assert text.splitlines() == [
         "class: daisy      prob: 0.01",
         "class: dandelion  prob: 0.005",
@@ -182,7 +183,7 @@ def test_printed_format_seed_lines_in_index_order():
     ]
     # Several images: a header line naming each; --top-k: highest first.
     q = _prediction("b.jpg", [0.1, 0.6, 0.1, 0.1, 0.1])
-    lines = inference.format_text([p, q], CLASSES, top_k=1).splitlines()
+    lines = predict_output.format_text([p, q], CLASSES, top_k=1).splitlines()
     assert lines == [
         "a.jpg:",
         "class: sunflowers prob: 0.981",
@@ -195,23 +196,23 @@ def test_printed_format_top5_for_many_classes():
     probs = np.linspace(0.0, 1.0, 12)
     probs /= probs.sum()
     classes = [f"c{i}" for i in range(12)]
-    lines = inference.format_text([Prediction("x", probs.astype(np.float32))], classes).splitlines()
+    lines = predict_output.format_text([Prediction("x", probs.astype(np.float32))], classes).splitlines()
     assert [line.split()[1] for line in lines] == ["c11", "c10", "c9", "c8", "c7"]
 
 
 def test_json_records_schema():
     p = _prediction("a.jpg", [0.1, 0.2, 0.05, 0.6, 0.05])
-    records = inference.to_records([p], CLASSES)
+    records = predict_output.to_records([p], CLASSES)
     assert list(records[0]) == ["image", "predictions"]
     preds = records[0]["predictions"]
     assert [d["index"] for d in preds] == [3, 1, 0, 2, 4]  # ties stay in index order
     assert preds[0] == {"index": 3, "class": "sunflowers", "prob": float(np.float32(0.6))}
     assert all(isinstance(d["prob"], float) for d in preds)
-    assert len(inference.to_records([p], CLASSES, top_k=2)[0]["predictions"]) == 2
+    assert len(predict_output.to_records([p], CLASSES, top_k=2)[0]["predictions"]) == 2
 
 
 def test_write_output_csv_and_json(tmp_path):
-    records = inference.to_records(
+    records = predict_output.to_records(
         [
             _prediction("a.jpg", [0.1, 0.2, 0.05, 0.6, 0.05]),
             _prediction("b,c.jpg", [1, 0, 0, 0, 0]),
@@ -219,9 +220,9 @@ def test_write_output_csv_and_json(tmp_path):
         CLASSES,
         top_k=2,
     )
-    inference.write_output(tmp_path / "out.json", records)
+    predict_output.write_output(tmp_path / "out.json", records)
     assert json.loads((tmp_path / "out.json").read_text()) == records
-    inference.write_output(tmp_path / "out.csv", records)
+    predict_output.write_output(tmp_path / "out.csv", records)
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
     assert [(r["image"], r["rank"], r["class"]) for r in rows] == [
         ("a.jpg", "1", "sunflowers"),
@@ -231,7 +232,7 @@ def test_write_output_csv_and_json(tmp_path):
     ]
     assert float(rows[0]["prob"]) == records[0]["predictions"][0]["prob"]
     with pytest.raises(UserError, match=r"\.csv or \.json"):
-        inference.write_output(tmp_path / "out.txt", records)
+        predict_output.write_output(tmp_path / "out.txt", records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.json"]  # no temp files
 
 
@@ -322,7 +323,7 @@ def test_folder_with_corrupt_file_exit_2(setup, tmp_path, capsys):
         capsys, setup["folder"], "--weights", setup["weights"], "--batch-size", "2",
         "--output", out_json,
     )  # fmt: skip
-    assert status == inference.EXIT_SKIPPED
+    assert status == EXIT_SKIPPED
     assert "broken.jpg" in err and "1 of 4 images" in err
     headers = [line for line in out.splitlines() if line.endswith(":")]
     assert headers == [f"{p}:" for p in setup["images"]]
@@ -334,7 +335,7 @@ def test_folder_with_corrupt_file_exit_2(setup, tmp_path, capsys):
 def test_save_plot_and_missing_matplotlib(setup, tmp_path, capsys, monkeypatch):
     predictions = [Prediction(str(setup["images"][0]), np.eye(5, dtype=np.float32)[3])]
     target = tmp_path / "plot.png"
-    inference.plot(predictions, CLASSES, target, show=False)
+    predict_output.plot(predictions, CLASSES, target, show=False)
     assert Image.open(target).format == "PNG"
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
@@ -353,7 +354,7 @@ def test_cli_end_to_end_json(setup, tmp_path):
          "--weights", str(setup["weights"]), "--json", "--top-k", "2", "--output", str(out_csv)],
         check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
-    assert result.returncode == inference.EXIT_SKIPPED, result.stderr
+    assert result.returncode == EXIT_SKIPPED, result.stderr
     assert "Traceback" not in result.stderr and "broken.jpg" in result.stderr
     records = json.loads(result.stdout)
     want = [str(p) for p in setup["images"]] + [str(setup["images"][1])]

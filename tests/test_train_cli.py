@@ -156,7 +156,8 @@ def test_two_devices_give_the_losses_of_one(reference, data, tmp_path_factory, t
 WORKER = """
 import sys, numpy as np, jax
 from flax import traverse_util
-from resnet_jax.trainer import TrainConfig, train
+from resnet_jax.config import TrainConfig
+from resnet_jax.trainer import train
 process_id, port, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 config = TrainConfig(**eval(sys.argv[5]), data_dir=data, epochs=1, output_dir=out,
                      coordinator_address=f"127.0.0.1:{port}", num_processes=2,

@@ -1,0 +1,94 @@
+"""`predict.py` / `resnet-jax-predict`: classify images with a trained or converted ResNet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from resnet_jax.cli import run
+
+__all__ = ["EXIT_SKIPPED", "main", "parse_args", "predict"]
+
+EXIT_SKIPPED = 2  # some images were predicted, unreadable ones skipped
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of `predict.py`."""
+    parser = argparse.ArgumentParser(
+        description="Predict the class of images (files or folders) with ResNet weights.",
+        epilog="Exit status: 0 all predicted, 1 error, 2 some unreadable images were skipped.",
+    )
+    add = parser.add_argument
+    add("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    add(
+        "--weights",
+        required=True,
+        help=".msgpack from train.py/convert_weights.py, or .pth/.safetensors",
+    )
+    add("--class-indices", help="class names (default: class_indices.json beside the weights)")
+    add("--arch", help="architecture, e.g. resnet50 (default: from the weights)")
+    add(
+        "--top-k", type=int, help="show the k most probable classes (default: all up to 10, else 5)"
+    )
+    add("--json", action="store_true", help="print one JSON document")
+    add("--plot", action="store_true", help="show the images with their top class")
+    add("--save-plot", metavar="FILE", help="write that figure to FILE (.png, .pdf)")
+    add("--output", metavar="FILE", help="also write the results to FILE.csv or FILE.json")
+    add("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def predict(args: argparse.Namespace) -> int:
+    """What `predict.py` does; returns the exit status (0, or EXIT_SKIPPED if images were
+    skipped). Raises UserError for anything that stops the whole run."""
+    from resnet_jax import predict_output as show
+    from resnet_jax.cache import enable_compilation_cache
+    from resnet_jax.errors import UserError
+    from resnet_jax.inference import Predictor, find_images
+    from resnet_jax.transforms import BadImage
+
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {args.top_k}.")
+    if args.output is not None:
+        show.check_output_path(args.output)
+    if args.plot or args.save_plot:
+        show.check_plot_path(args.save_plot, args.plot)  # before the slow part
+    paths = find_images(args.images)
+
+    enable_compilation_cache()  # a second run with the same batch shape skips compilation
+    predictor = Predictor.load(args.weights, args.arch, args.class_indices)
+    skipped: list[BadImage] = []
+
+    def on_skip(error: BadImage) -> None:
+        skipped.append(error)
+        print(f"skipped: {error}", file=sys.stderr)
+
+    # One image on its own fails the run; among several, a bad one is reported and skipped.
+    on_skip_or_raise = on_skip if len(paths) > 1 else None
+    predictions = predictor.predict_files(paths, args.batch_size, on_skip_or_raise)
+    if not predictions:
+        raise UserError(f"None of the {len(paths)} images could be read; see the lines above.")
+
+    classes = predictor.classes
+    if args.json:
+        print(json.dumps(show.to_records(predictions, classes, args.top_k), indent=2))
+    else:
+        print(show.format_text(predictions, classes, args.top_k))
+    if args.output is not None:
+        show.write_output(args.output, show.to_records(predictions, classes, args.top_k))
+    if args.plot or args.save_plot:
+        show.plot(predictions, classes, args.save_plot, show=args.plot)
+    if skipped:
+        print(
+            f"{len(skipped)} of {len(paths)} images could not be read and were skipped.",
+            file=sys.stderr,
+        )
+        return EXIT_SKIPPED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `predict.py`: 0 all predicted, 1 a user error (one line), 2 some images skipped."""
+    args = parse_args(argv)
+    return run(lambda: predict(args))

@@ -1,0 +1,150 @@
+"""How predictions are shown: the original script's lines, JSON/CSV records, titled images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from resnet_jax import transforms
+from resnet_jax.errors import UserError
+from resnet_jax.files import atomic_write
+from resnet_jax.inference import Prediction
+
+__all__ = ["ORIGINAL_LINE", "ORIGINAL_TITLE", "ORIGINAL_TOP_K", "check_output_path",
+           "check_plot_path", "format_text", "plot", "to_records", "write_output"]  # fmt: skip
+
+ORIGINAL_TOP_K = 5  # rows printed per image for heads with more than 10 classes
+ORIGINAL_LINE = "class: {:10} prob: {:.3}"  # the original predict.py's printed line
+ORIGINAL_TITLE = "class: {} prob: {:.3}"  # and its plot title
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+def format_text(
+    predictions: Sequence[Prediction], classes: Sequence[str], top_k: int | None = None
+) -> str:
+    """The original's lines `class: daisy      prob: 0.981`: every class in index order for heads
+    of up to 10 classes, else (or with `top_k`) the top-k, highest first; one header per image."""
+    index_order = top_k is None and len(classes) <= 10
+    k = top_k or ORIGINAL_TOP_K
+    lines = []
+    for p in predictions:
+        if len(predictions) > 1:
+            lines.append(f"{p.image}:")
+        for i in range(len(classes)) if index_order else p.ranked(k):
+            lines.append(ORIGINAL_LINE.format(classes[i], float(p.probs[i])))
+    return "\n".join(lines)
+
+
+def to_records(
+    predictions: Sequence[Prediction], classes: Sequence[str], top_k: int | None = None
+) -> list[dict[str, Any]]:
+    """The --json document: per image, predictions sorted by probability (all, or the top-k)."""
+    return [
+        {
+            "image": p.image,
+            "predictions": [
+                {"index": i, "class": classes[i], "prob": float(p.probs[i])}
+                for i in p.ranked(top_k)
+            ],
+        }
+        for p in predictions
+    ]
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """The format of an --output file, 'json' or 'csv' from its suffix; UserError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise UserError(f"--output {path}: use a file name ending in .csv or .json.")
+    return suffix[1:]
+
+
+def write_output(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Write `to_records` output atomically: `.json` as the --json document, `.csv` one row
+    per (image, prediction) with columns image, rank, index, class, prob."""
+    if check_output_path(path) == "json":
+        text = json.dumps(records, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["image", "rank", "index", "class", "prob"])
+        for r in records:
+            for rank, p in enumerate(r["predictions"], start=1):
+                writer.writerow([r["image"], rank, p["index"], p["class"], repr(p["prob"])])
+        text = buffer.getvalue()
+    with atomic_write(path, mode="w") as f:
+        f.write(text)
+
+
+def _pyplot(show: bool) -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            "Plotting needs matplotlib; install it with `pip install resnet_jax[plot]`."
+        ) from None
+    if not show:
+        matplotlib.use("Agg")  # write the file without needing a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_format(path: str | os.PathLike) -> str:
+    return Path(path).suffix.lstrip(".").lower() or "png"
+
+
+def check_plot_path(save_path: str | os.PathLike | None, show: bool) -> None:
+    """UserError, before any work, if matplotlib is missing or cannot write `save_path`'s format."""
+    plt = _pyplot(show)
+    if save_path is None:
+        return
+    suffix = _plot_format(save_path)
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if suffix not in formats:
+        raise UserError(
+            f"--save-plot {save_path}: matplotlib cannot write .{suffix} files; "
+            f"use one of: {', '.join('.' + f for f in sorted(formats))}."
+        )
+
+
+MAX_PLOTTED = 16
+
+
+def plot(
+    predictions: Sequence[Prediction],
+    classes: Sequence[str],
+    save_path: str | os.PathLike | None = None,
+    show: bool = True,
+) -> None:
+    """The images titled `class: sunflowers prob: 0.97` as the original shows them (up to 16)."""
+    plt = _pyplot(show)
+    shown = predictions[:MAX_PLOTTED]
+    if len(predictions) > MAX_PLOTTED:
+        print(f"Plotting the first {MAX_PLOTTED} of {len(predictions)} images.", file=sys.stderr)
+    cols = min(len(shown), 4)
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, shown):
+        top = p.ranked(1)[0]
+        ax.imshow(transforms.load_rgb(p.image))
+        ax.set_title(ORIGINAL_TITLE.format(classes[top], float(p.probs[top])))
+    fig.tight_layout()
+    if save_path is not None:
+        suffix = _plot_format(save_path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=suffix)
+        with atomic_write(save_path, mode="wb") as f:
+            f.write(buffer.getvalue())
+    if show:
+        plt.show()
+    plt.close(fig)
