@@ -1,4 +1,4 @@
-"""Training and eval throughput on one GPU, model FLOP utilisation, and the seed task's epochs.
+"""Training and eval throughput on one GPU, model FLOP utilisation, and the original task's epochs.
 
     bash benchmarks/gpu.sh            # one H200: under 8 minutes
     bash benchmarks/gpu.sh --tiny     # the same code paths on a CPU in about a minute
@@ -9,7 +9,7 @@
    peaks 989 TFLOP/s dense bf16 and 494 TF32 (float32 matmuls run in TF32 on GPUs by default);
    MFU(pub) counts 3 x the published forward FLOPs instead (R50 4.09, R34 3.66 GMACs/image).
 2. Eval steps (`jit_eval_step`) at the same batch: images/s.
-3. The seed task: `train.py --arch resnet34 --weights none` for 3 epochs on a generated
+3. The original task: `train.py --arch resnet34 --weights none` for 3 epochs on a generated
    tf_flowers-sized folder (3,670 JPEGs of 500x375 in 5 classes, 10% held out), 224 px, batch
    16, 16 decoding workers: seconds per epoch from its metrics.jsonl.
 """
@@ -175,7 +175,7 @@ def main() -> None:
     records = seed_task(args)
     for r in records:
         first = r.get("first_step_seconds")
-        print(f"seed task epoch {r['epoch']}: {r['seconds']:.1f} s, "
+        print(f"original task epoch {r['epoch']}: {r['seconds']:.1f} s, "
               f"{r['images_per_second'] or 0:.0f} train images/s, val_accuracy "
               f"{r['val_accuracy']:.3f}" + (f" (first step {first:.1f} s)" if first else ""))  # fmt: skip
     print(f"total {time.perf_counter() - start:.0f} s")

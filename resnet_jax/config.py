@@ -123,6 +123,11 @@ class TrainConfig:
         "continue the run in --output-dir from its latest checkpoint; pass the same "
         "flags (--epochs may grow): the result equals an uninterrupted run",
     )
+    overwrite: bool = option(
+        False,
+        "start a new run in an --output-dir that holds an earlier run's outputs, "
+        "deleting them first",
+    )
     synthetic: int = option(
         0,
         "measure throughput: random images made on the device, STEPS steps per epoch (50 if "

@@ -37,10 +37,20 @@ def open_datasets(
 ) -> tuple[Source, Source, list[str]]:
     """(train, val, classes) from an image folder when `data_dir` is given, else from tfds."""
     if data_dir is not None:
-        return open_image_folder(data_dir, val_fraction)
-    from resnet_jax.tfds_source import open_tfds  # tfds is slow to import; load it only here
+        train, val, classes = open_image_folder(data_dir, val_fraction)
+    else:
+        from resnet_jax.tfds_source import open_tfds  # tfds is slow to import: only when used
 
-    return open_tfds(dataset, val_fraction=val_fraction, data_dir=tfds_dir, download=download)
+        train, val, classes = open_tfds(
+            dataset, val_fraction=val_fraction, data_dir=tfds_dir, download=download
+        )
+    if len(classes) < 2:
+        where = data_dir if data_dir is not None else f"tfds dataset '{dataset}'"
+        raise UserError(
+            f"{where} has only one class ({classes[0]}); a classifier needs at least two, "
+            "so add another class folder."
+        )
+    return train, val, classes
 
 
 def default_workers() -> int:

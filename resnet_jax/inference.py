@@ -129,6 +129,11 @@ class Predictor:
         num_classes = num_classes_of(variables)
         if num_classes is None:
             raise UserError(f"{weights} has no classification head (fc); predicting needs one.")
+        if not all(np.isfinite(x).all() for x in jax.tree.leaves(variables)):
+            raise UserError(
+                f"{weights} holds weights that are not finite (NaN or infinity); use the "
+                "weights of a run that trained without diverging."
+            )
         classes = load_class_names(num_classes, weights, class_indices)
         return cls(create_model(arch, num_classes=num_classes), variables, classes, image_size)
 

@@ -211,6 +211,11 @@ def read_class_indices(path: str | os.PathLike) -> list[str]:
         raise UserError(
             f"Class index file {path} does not exist; pass the one written next to the checkpoint."
         ) from None
+    except OSError as e:  # a folder, no permission
+        raise UserError(
+            f"Cannot read class index file {path} ({e.strerror or e}); pass a readable "
+            "class_indices.json."
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(
             f'{path} is not a class index file like {{"0": "daisy", ...}}; '

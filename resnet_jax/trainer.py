@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -22,6 +23,7 @@ from resnet_jax.checkpoint import Checkpoints
 from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
+from resnet_jax.files import remove_stale_temporaries, write_error
 from resnet_jax.models import ResNet, create_model, init_variables
 from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
@@ -54,6 +56,7 @@ def train(config: TrainConfig) -> TrainResult:
     dp = DataParallel()
     dp.check_batch_size(config.batch_size)
     out = Path(config.output_dir)
+    replaced = _check_output_dir(out, config)
     data = _TrainValBatches(config, dp)
     model = create_model(
         config.arch,
@@ -67,12 +70,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     tx = make_optimizer(config.optimizer, schedule, config.weight_decay, FREEZE[config.freeze])
     make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
+    if jax.process_index() == 0:
+        _make_output_dir(out, replaced)
     ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
     state, history = _start(config, model, make_state, ckpts, dp)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if data.classes is not None:
-            write_class_indices(out / "class_indices.json", data.classes)
+    if jax.process_index() == 0 and data.classes is not None:
+        write_class_indices(out / "class_indices.json", data.classes)
     if history:  # a kill may have come between a checkpoint and the metrics it records
         write_metrics(out, history)
 
@@ -119,6 +122,39 @@ def train(config: TrainConfig) -> TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
+
+# What a run writes into its output folder (see the module docstring).
+OUTPUTS = ("checkpoints", "best.msgpack", "metrics.jsonl", "class_indices.json",
+           "training_curve.png")  # fmt: skip
+
+
+def _check_output_dir(out: Path, config: TrainConfig) -> list[str]:
+    """The earlier outputs that --overwrite will delete; UserError if a new run would write
+    over an earlier one's outputs without --overwrite (or --resume, where it has checkpoints)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; choose a folder for the run's outputs.")
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    has_checkpoint = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if found and not config.overwrite and not (config.resume and has_checkpoint):
+        advice = "--resume to continue it, " if has_checkpoint else ""
+        raise UserError(
+            f"{out} already holds a run ({', '.join(found)}); pass {advice}--overwrite to "
+            "replace it, or choose another --output-dir."
+        )
+    return found if config.overwrite else []
+
+
+def _make_output_dir(out: Path, replaced: list[str]) -> None:
+    """Create `out`; delete the outputs --overwrite replaces and what a write killed midway
+    left behind."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
+    for name in replaced:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_stale_temporaries(out)
 
 
 class _TrainValBatches:
@@ -168,11 +204,6 @@ def _start(
 ) -> tuple[TrainState, list[dict]]:
     """A fresh state, or the latest checkpoint's state and history with `--resume`."""
     latest = ckpts.latest_epoch() if ckpts else None
-    if latest is not None and not config.resume:
-        raise UserError(
-            f"{config.output_dir} already holds a run (trained to epoch {latest}); pass "
-            "--resume to continue it, or choose another --output-dir."
-        )
     if latest is None:
         if config.resume and ckpts:
             print_once(f"No checkpoint in {ckpts.directory} to resume from; starting a new run.")

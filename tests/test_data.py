@@ -159,7 +159,7 @@ def test_val_fraction_that_leaves_no_val_images_is_an_error(tmp_path):
         open_datasets(str(tmp_path), val_fraction=1.5)
 
 
-def test_class_indices_round_trip_in_the_seed_format(tmp_path):
+def test_class_indices_round_trip_in_the_original_format(tmp_path):
     path = tmp_path / "out" / "class_indices.json"
     sources.write_class_indices(path, ["daisy", "roses"])
     assert path.read_text() == json.dumps({"0": "daisy", "1": "roses"}, indent=4)
@@ -170,6 +170,14 @@ def test_class_indices_round_trip_in_the_seed_format(tmp_path):
     (tmp_path / "bad.json").write_text('{"1": "daisy"}')
     with pytest.raises(UserError, match="not a class index file"):
         sources.read_class_indices(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="Cannot read class index file .*; pass a readable"):
+        sources.read_class_indices(tmp_path)  # a folder
+
+
+def test_one_class_is_refused_before_training(tmp_path):
+    make_folder(tmp_path, {"daisy": 10})
+    with pytest.raises(UserError, match=r"has only one class \(daisy\); a classifier needs"):
+        open_datasets(str(tmp_path))
 
 
 # ---------------------------------------------------------------- Loader
@@ -337,7 +345,7 @@ def test_tfds_mock_data_gives_sources_and_batches(tmp_path, monkeypatch):
 
 
 def test_val_count_follows_the_seed():
-    # tf_flowers' classes: the seed's split_data.py keeps int(n * 0.1) of each for val.
+    # tf_flowers' classes: the original split_data.py keeps int(n * 0.1) of each for val.
     flowers = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
     assert sum(sources.val_count(n, 0.1) for n in flowers.values()) == 364
     assert [sources.val_count(n, 0.1) for n in (0, 1, 2, 5, 19, 20)] == [0, 0, 1, 1, 1, 2]

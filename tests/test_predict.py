@@ -19,8 +19,10 @@ from torchvision import transforms as T
 
 from resnet_jax import inference, predict_output
 from resnet_jax.cli.predict import EXIT_SKIPPED
+from resnet_jax.convert import torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.inference import Prediction, Predictor
+from resnet_jax.weights import save_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -171,7 +173,7 @@ def _prediction(name: str, probs: list[float]) -> Prediction:
     return Prediction(name, np.asarray(probs, np.float32))
 
 
-def test_printed_format_seed_lines_in_index_order():
+def test_printed_format_original_lines_in_index_order():
     p = _prediction("a.jpg", [0.01, 0.005, 0.004, 0.981, 0.0])
     text = predict_output.format_text([p], CLASSES)
     assert text.splitlines() == [
@@ -196,7 +198,9 @@ def test_printed_format_top5_for_many_classes():
     probs = np.linspace(0.0, 1.0, 12)
     probs /= probs.sum()
     classes = [f"c{i}" for i in range(12)]
-    lines = predict_output.format_text([Prediction("x", probs.astype(np.float32))], classes).splitlines()
+    lines = predict_output.format_text(
+        [Prediction("x", probs.astype(np.float32))], classes
+    ).splitlines()
     assert [line.split()[1] for line in lines] == ["c11", "c10", "c9", "c8", "c7"]
 
 
@@ -368,3 +372,23 @@ def test_cli_end_to_end_json(setup, tmp_path):
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 2 * len(records)
     assert rows[0]["class"] == records[0]["predictions"][0]["class"]
+
+
+def test_wrong_but_plausible_inputs_are_refused_before_any_work(setup, tmp_path, capsys):
+    weights, image = setup["weights"], setup["images"][0]
+    status, out, err = _run_main(capsys, image, "--weights", weights, "--save-plot", "x.xyz")
+    assert status == 1 and out == ""  # checked before predicting and printing
+    _one_error_line(err, "--save-plot x.xyz", "cannot write .xyz")
+
+    status, out, err = _run_main(capsys, image, "--weights", weights, "--class-indices", tmp_path)
+    assert status == 1 and out == ""
+    _one_error_line(err, "Cannot read class index file", str(tmp_path))
+
+    state = {k: v.detach().numpy().copy() for k, v in setup["model"].state_dict().items()}
+    variables = torch_to_flax(state)
+    variables["params"]["fc"]["bias"][0] = np.nan
+    diverged = tmp_path / "diverged.msgpack"
+    save_variables(diverged, variables)
+    status, out, err = _run_main(capsys, image, "--weights", diverged, "--json")
+    assert status == 1 and out == ""
+    _one_error_line(err, "diverged.msgpack", "not finite")

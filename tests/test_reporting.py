@@ -10,7 +10,7 @@ RECORD = {"epoch": 1, "train_loss": 0.4123, "train_accuracy": 0.8, "val_loss": 0
           "val_accuracy": 0.8741, "images_per_second": 45.62, "seconds": 12.34}  # fmt: skip
 
 
-def test_epoch_line_has_the_seed_form():
+def test_epoch_line_has_the_original_form():
     assert epoch_line(RECORD) == (
         "[epoch 1] train_loss: 0.412 val_accuracy: 0.874 val_loss: 0.351 (12.3 s, 45.6 images/s)"
     )

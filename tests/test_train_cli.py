@@ -4,6 +4,7 @@ user errors. Every run shares one persistent compilation cache, so only the firs
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,11 +248,33 @@ def test_existing_run_and_changed_flags_need_attention(reference, data, env):
     out = str(reference[0])
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", out]
     again = run_train(args, env)
-    assert again.returncode == 1 and "pass --resume" in again.stderr
+    assert again.returncode == 1 and "pass --resume to continue it, --overwrite" in again.stderr
     changed = run_train([*args, "--resume", "--lr", "0.5"], env)
     assert changed.returncode == 1 and "--lr 0.001 (now 0.5)" in changed.stderr
     done = run_train([*args, "--resume"], env)
     assert done.returncode == 0 and "[epoch" not in done.stdout
+
+
+def test_outputs_of_an_earlier_run_are_never_replaced_silently(reference, data, env, tmp_path):
+    # An earlier run whose checkpoints/ was deleted to save space, and a write killed midway.
+    kept = ("best.msgpack", "metrics.jsonl", "class_indices.json")
+    for name in kept:
+        shutil.copy(reference[0] / name, tmp_path / name)
+    (tmp_path / ".best.msgpack.k2j4_x9a.tmp").write_bytes(b"half")
+    before = {name: (tmp_path / name).read_bytes() for name in kept}
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(tmp_path)]
+    for extra in ([], ["--resume"]):
+        refused = run_train([*args, *extra], env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert (
+            "already holds a run (best.msgpack, metrics.jsonl, class_indices.json); pass "
+            "--overwrite to replace it" in refused.stderr
+        )
+        assert {name: (tmp_path / name).read_bytes() for name in kept} == before
+    replaced = run_train([*args, "--overwrite"], env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(read_metrics(tmp_path)) == 1 and (tmp_path / "checkpoints").is_dir()
+    assert not (tmp_path / ".best.msgpack.k2j4_x9a.tmp").exists()
 
 
 @pytest.mark.parametrize(
