@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -22,6 +23,9 @@ from typing import Any
 import numpy as np
 
 from resnet_jax.errors import UserError
+
+# Called with {name: shape} of every tensor before any tensor's bytes are read.
+ShapeCheck = Callable[[dict[str, tuple[int, ...]]], Any]
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 torch.save file
 LEGACY_PROTOCOL_VERSION = 1001
@@ -45,13 +49,20 @@ _SAFETENSORS_DTYPES = {
     "I16": "i2", "I8": "i1", "U8": "u1", "BOOL": "?",
 }  # fmt: skip
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+MAX_WRAPPER_DEPTH = 8  # {'state_dict': {'model': ...}} is 2; a file nesting deeper is malformed
+# The largest tensor a supported architecture needs is wide_resnet's 1024x1024x3x3 conv (9.4M
+# elements); 2**26 also leaves room for a classification head of 32,768 classes. Anything larger
+# is refused before its bytes are read, so a small file cannot make us allocate gigabytes.
+MAX_TENSOR_ELEMENTS = 2**26
+MAX_TOTAL_ELEMENTS = 2**28  # all tensors together; wide_resnet101_2 has 127M parameters
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds names and shapes only: kilobytes for a ResNet
 
 
 class _NoState:
     """Refuses pickle's BUILD opcode, so a file cannot rewrite these objects after creation."""
 
     def __setstate__(self, state: Any) -> None:
-        raise ValueError("the pickle tries to set the state of a tensor record")
+        raise ValueError("the pickle tries to set the state of an object after building it")
 
 
 @dataclass(frozen=True)
@@ -119,13 +130,24 @@ def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
+
+
+@dataclass(frozen=True)
+class _Global(_NoState):
+    """A fresh, immutable stand-in for an allowed global: a pickle may call it, never change it
+    (pickle's BUILD would otherwise set attributes such as `__doc__` on the shared function)."""
+
+    function: Callable[..., Any]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -138,9 +160,14 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return _Global(_ALLOWED_GLOBALS[(module, name)])
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
+        if module == "torch" and name.endswith("Storage"):  # e.g. UInt16Storage, ComplexFloatStorage
+            raise UserError(
+                f"{self.path} holds tensors of type torch.{name.removesuffix('Storage')}, which "
+                "this reader does not support; convert them with .float() and save again."
+            )
         raise UserError(
             f"{self.path} refers to '{module}.{name}', which a state dict never needs, so it "
             "was not loaded; re-save the weights alone with torch.save(model.state_dict(), path)."
@@ -162,20 +189,37 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _StorageView(storage, _ints([view[1]])[0])
 
 
-def _to_array(ref: _TensorRef) -> np.ndarray:
-    """Copy a tensor's strided view out of its storage (bounds-checked: no reads past the end)."""
-    flat = ref.storage.data()
-    size, stride, (offset,) = _ints(ref.size), _ints(ref.stride), _ints([ref.offset])
+def _check_tensor(ref: _TensorRef, name: str, path: Path) -> None:
+    """Refuse a tensor that would need more memory than its bytes in the file justify."""
+    size, stride = ref.size, ref.stride
     if len(size) != len(stride):
-        raise ValueError("a tensor's size and stride disagree")
-    if 0 in size:
-        array = np.zeros(size, flat.dtype)
+        raise ValueError(f"the size and stride of '{name}' disagree")
+    numel = math.prod(size)
+    if max(numel, ref.storage.numel) > MAX_TENSOR_ELEMENTS:
+        raise UserError(
+            f"{path} declares a tensor '{name}' of {max(numel, ref.storage.numel):,} elements, "
+            "more than any supported ResNet needs, so it was not loaded; check the file."
+        )
+    if numel == 0:
+        return
+    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        raise UserError(
+            f"{path} stores '{name}' as one value repeated along a dimension (stride 0), which no "
+            "state dict holds; save a .contiguous() copy of it instead."
+        )
+    last = ref.offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= ref.storage.numel or numel > ref.storage.numel:
+        raise ValueError(f"'{name}' reaches past the end of its storage or overlaps itself")
+
+
+def _to_array(ref: _TensorRef) -> np.ndarray:
+    """Copy a tensor's strided view out of its storage (after `_check_tensor` bounded it)."""
+    if 0 in ref.size:
+        array = np.zeros(ref.size, ref.storage.type.dtype("="))
     else:
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= len(flat):
-            raise ValueError("a tensor reaches past the end of its storage")
-        strides = tuple(s * flat.itemsize for s in stride)
-        view = np.lib.stride_tricks.as_strided(flat[offset:], size, strides)
+        flat = ref.storage.data()
+        strides = tuple(s * flat.itemsize for s in ref.stride)
+        view = np.lib.stride_tricks.as_strided(flat[ref.offset :], ref.size, strides)
         array = np.array(view)  # a contiguous, writable copy
     array = array.astype(array.dtype.newbyteorder("="), copy=False)
     if ref.storage.type.name == "BFloat16Storage":
@@ -188,13 +232,37 @@ def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, np.ndarray]:
-    """Unwrap {'state_dict': ...}-style checkpoints, build the arrays, strip `module.`."""
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
+def _unwrap(obj: Any, path: Path) -> Any:
+    """Follow {'state_dict': ...}-style wrappers a bounded number of levels, refusing cycles."""
+    seen: set[int] = set()
+    for _ in range(MAX_WRAPPER_DEPTH + 1):
+        if not isinstance(obj, dict):
+            return obj
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            return obj
+        seen.add(id(obj))
+        obj = obj[key]
+        if id(obj) in seen:
+            raise UserError(
+                f"{path} holds a '{key}' entry that contains itself (a cycle of wrapper dicts), "
+                "so it holds no state dict; save model.state_dict() instead."
+            )
+    raise UserError(
+        f"{path} nests 'state_dict'/'model' wrappers more than {MAX_WRAPPER_DEPTH} levels deep; "
+        "save model.state_dict() instead."
+    )
+
+
+def _shape(value: _TensorRef | np.ndarray) -> tuple[int, ...]:
+    return value.size if isinstance(value, _TensorRef) else value.shape
+
+
+def _extract_state_dict(
+    obj: Any, path: Path, check: ShapeCheck | None = None
+) -> dict[str, np.ndarray]:
+    """Unwrap {'state_dict': ...}-style checkpoints, strip `module.`, check, build the arrays."""
+    obj = _unwrap(obj, path)
     tensors = {}
     if isinstance(obj, dict):
         tensors = {
@@ -207,13 +275,23 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, np.ndarray]:
             f"{path} holds no state dict (names mapped to tensors, at the top or under "
             "'state_dict', 'model_state_dict' or 'model'); save model.state_dict() instead."
         )
-    arrays = {k: _to_array(v) if isinstance(v, _TensorRef) else v for k, v in tensors.items()}
-    if all(k.startswith("module.") for k in arrays):  # saved from nn.DataParallel
-        arrays = {k.removeprefix("module."): v for k, v in arrays.items()}
-    return arrays
+    if all(k.startswith("module.") for k in tensors):  # saved from nn.DataParallel
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    for name, value in tensors.items():
+        if isinstance(value, _TensorRef):
+            _check_tensor(value, name, path)
+    total = sum(math.prod(_shape(v)) for v in tensors.values())
+    if total > MAX_TOTAL_ELEMENTS:
+        raise UserError(
+            f"{path} declares {total:,} tensor elements, more than any supported ResNet needs, "
+            "so it was not loaded; check the file."
+        )
+    if check is not None:  # names and shapes only: no tensor has been read yet
+        check({k: _shape(v) for k, v in tensors.items()})
+    return {k: _to_array(v) if isinstance(v, _TensorRef) else v for k, v in tensors.items()}
 
 
-def _load_zip(path: Path) -> dict[str, np.ndarray]:
+def _load_zip(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
     """torch >= 1.6: `<folder>/data.pkl` plus one `<folder>/data/<key>` record per storage."""
     try:
         archive = zipfile.ZipFile(path)
@@ -234,21 +312,33 @@ def _load_zip(path: Path) -> dict[str, np.ndarray]:
             )
         byteorder = "<"
         if prefix + "byteorder" in names:
-            byteorder = {b"little": "<", b"big": ">"}[archive.read(prefix + "byteorder").strip()]
+            order = _read_member(archive, prefix + "byteorder", 16).strip()
+            byteorder = {b"little": "<", b"big": ">"}[order]
 
         def reader(key: str, storage: _Storage) -> Callable[[], np.ndarray]:
             dtype = storage.type.dtype(byteorder)
-            return lambda: np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype)
+            nbytes = storage.numel * dtype.itemsize
+            return lambda: np.frombuffer(_read_member(archive, f"{prefix}data/{key}", nbytes), dtype)
 
         storages: dict[str, _Storage] = {}
-        pickled = io.BytesIO(archive.read(pickles[0]))
+        pickled = io.BytesIO(_read_member(archive, pickles[0], MAX_PICKLE_BYTES))
         obj = _StateDictUnpickler(pickled, path, storages).load()
         for key, storage in storages.items():
             storage.read = reader(key, storage)
-        return _extract_state_dict(obj, path)
+        return _extract_state_dict(obj, path, check)
 
 
-def _load_legacy(path: Path) -> dict[str, np.ndarray]:
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """At most `limit` bytes of a zip member, decompressed as they stream: a small compressed
+    member that inflates to gigabytes ("zip bomb") never is decompressed whole."""
+    with archive.open(name) as member:
+        data = member.read(limit)
+        if len(data) == limit and member.read(1):
+            raise ValueError(f"'{name}' is larger than the {limit:,} bytes it should hold")
+    return data
+
+
+def _load_legacy(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
     """torch < 1.6: magic, version and sys_info pickles, the object pickle, the storage keys,
     then each storage as a little-endian int64 element count followed by its raw bytes."""
     with open(path, "rb") as f:
@@ -281,17 +371,20 @@ def _load_legacy(path: Path) -> dict[str, np.ndarray]:
             storage.read = read
         if f.tell() > os.fstat(f.fileno()).st_size:
             raise ValueError("the file ends before its last storage")
-        return _extract_state_dict(obj, path)
+        return _extract_state_dict(obj, path, check)
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _load_safetensors(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
     """safetensors: a JSON header then raw little-endian tensors; no code is ever run."""
     from safetensors import deserialize  # safetensors.numpy cannot represent bfloat16
 
     arrays = {}
     for name, info in deserialize(path.read_bytes()):
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise UserError(f"{path} holds '{name}' as {info['dtype']}, which is not supported.")
+            raise UserError(
+                f"{path} holds '{name}' as {info['dtype']}, which this reader does not support; "
+                "convert it to float32 and save again."
+            )
         dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
         array = (
             np.frombuffer(info["data"], dtype)
@@ -299,31 +392,39 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
             .astype(dtype.newbyteorder("="))
         )
         arrays[name] = _bfloat16_to_float32(array) if info["dtype"] == "BF16" else array
-    return _extract_state_dict(arrays, path)
+    return _extract_state_dict(arrays, path, check)
 
 
 def _is_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+def load_torch_state_dict(
+    path: str | Path, check: ShapeCheck | None = None
+) -> dict[str, np.ndarray]:
     """Read a PyTorch state dict (.pth/.pt zip or legacy, or .safetensors) as numpy arrays.
 
     bfloat16 tensors become float32; wrappers such as {'state_dict': ...} and DataParallel's
-    `module.` prefix are removed. Never imports torch and never runs code from the file.
+    `module.` prefix are removed. `check({name: shape})` runs before any tensor is read, so it can
+    refuse a file before its tensors use memory. Never imports torch or runs code from the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint file; give the file's path.")
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist; check the path.")
-    with open(path, "rb") as f:
-        head = f.read(16)
     try:
-        if path.suffix == ".safetensors" or _is_safetensors(head):
-            return _load_safetensors(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise UserError(f"Cannot read {path} ({e.strerror or e}); check its permissions.") from e
+    try:
+        if path.suffix.lower() == ".safetensors" or _is_safetensors(head):
+            return _load_safetensors(path, check)
         if head.startswith(b"PK"):
-            return _load_zip(path)
+            return _load_zip(path, check)
         if head.startswith(b"\x80"):
-            return _load_legacy(path)
+            return _load_legacy(path, check)
     except UserError:
         raise
     except Exception as e:  # any parse failure of an untrusted file means it is damaged

@@ -41,7 +41,7 @@ def resnet18_state_dict() -> dict[str, torch.Tensor]:
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
-    """Every dtype we read, plus views that share, slice, transpose and broadcast one storage."""
+    """Every dtype we read, plus views that share, slice and transpose one storage."""
     torch.manual_seed(1)
     base = torch.randn(5, 8)
     return {
@@ -59,7 +59,6 @@ def mixed_tensors() -> dict[str, torch.Tensor]:
         "row": base[2],  # shares base's storage, offset 16
         "transposed": base.t(),  # non-contiguous
         "sliced": base[1:4, 2::3],  # offset and strides
-        "broadcast": torch.randn(3, 1).expand(3, 4),  # stride 0
         "param": torch.nn.Parameter(torch.randn(2)),
     }
 

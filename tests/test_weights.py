@@ -193,7 +193,7 @@ def free_port() -> int:
 def test_download_verify_reuse_and_load(caches, server, tmp_path):
     ours, _ = caches
     base, folder = server
-    state = {"conv1.weight": torch.randn(4, 3, 3, 3), "bn1.running_mean": torch.randn(4)}
+    state = torchvision_resnet18()
     torch.save(state, tmp_path / "w.pth")
     data = (tmp_path / "w.pth").read_bytes()
     name = hashed_name(data)
