@@ -125,6 +125,23 @@ def _rebuild_tensor(view: Any, storage_offset: Any, size: Any, stride: Any, *_: 
     return _TensorRef(view.storage, view.start + storage_offset, _ints(size), _ints(stride))
 
 
+class _UnsupportedDtype(Exception):
+    """Raised while unpickling a tensor whose dtype has no storage class (uint16, float8...)."""
+
+
+@dataclass(frozen=True)
+class _TorchDtype(_NoState):
+    """Stands in for `torch.uint16` and friends, which name the dtype of newer tensor records."""
+
+    name: str
+
+
+def _rebuild_tensor_v3(*args: Any) -> Any:
+    """torch writes `_rebuild_tensor_v3(..., dtype)` only for dtypes without a storage class."""
+    dtype = next((a for a in args if isinstance(a, _TorchDtype)), None)
+    raise _UnsupportedDtype(dtype.name if dtype else "unknown")
+
+
 def _rebuild_parameter(data: Any, *_: Any) -> Any:
     """Replaces `_rebuild_parameter(_with_state)`: a Parameter is just its tensor here."""
     return data
@@ -134,6 +151,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
@@ -163,14 +181,27 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _Global(_ALLOWED_GLOBALS[(module, name)])
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        if module == "torch" and name.endswith("Storage"):  # e.g. UInt16Storage, ComplexFloatStorage
-            raise UserError(
-                f"{self.path} holds tensors of type torch.{name.removesuffix('Storage')}, which "
-                "this reader does not support; convert them with .float() and save again."
-            )
+        if module == "torch" and name.endswith("Storage"):  # e.g. ComplexFloatStorage
+            raise self._unsupported(name.removesuffix("Storage"))
+        if (module, name) == ("torch.storage", "UntypedStorage"):  # read by _rebuild_tensor_v3
+            return _StorageType(name)
+        if module == "torch" and name.isidentifier() and name.islower():  # torch.uint16...
+            return _TorchDtype(name)
         raise UserError(
             f"{self.path} refers to '{module}.{name}', which a state dict never needs, so it "
             "was not loaded; re-save the weights alone with torch.save(model.state_dict(), path)."
+        )
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except _UnsupportedDtype as e:
+            raise self._unsupported(str(e)) from None
+
+    def _unsupported(self, dtype: str) -> UserError:
+        return UserError(
+            f"{self.path} holds tensors of type {dtype}, which ResNet weights do not use and "
+            "this reader does not support; convert them with .float() and save again."
         )
 
     def persistent_load(self, pid: Any) -> _StorageView:
@@ -245,7 +276,7 @@ def _unwrap(obj: Any, path: Path) -> Any:
         obj = obj[key]
         if id(obj) in seen:
             raise UserError(
-                f"{path} holds a '{key}' entry that contains itself (a cycle of wrapper dicts), "
+                f"{path} holds wrapper dicts that contain themselves (a cycle through '{key}'), "
                 "so it holds no state dict; save model.state_dict() instead."
             )
     raise UserError(

@@ -109,7 +109,7 @@ def _check_tree(tree: dict, path: Path, where: str = "") -> None:
             _check_tree(value, path, name)
         elif not where or not isinstance(value, np.ndarray):
             raise UserError(
-                f"{path} holds a {type(value).__name__} at '{name}' where Flax variables have "
+                f"{path} holds a value of type {type(value).__name__} at '{name}' where Flax variables have "
                 f"{'a dict' if not where else 'an array'}; check the file."
             )
 

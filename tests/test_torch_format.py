@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import safetensors.torch
 import torch
 import torchvision
 
+from resnet_jax import torch_format
 from resnet_jax.errors import UserError
 from resnet_jax.torch_format import (
     LEGACY_MAGIC_NUMBER,
@@ -351,3 +354,162 @@ def test_safetensors_by_content_and_bad_header(tmp_path):
     (tmp_path / "short.safetensors").write_bytes(data)
     with pytest.raises(UserError, match="damaged"):
         load_torch_state_dict(tmp_path / "short.safetensors")
+
+
+# --- hostile files: cycles, declared sizes, compression bombs, unsupported types ---
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail a test that would hang, instead of hanging the suite."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def self_containing() -> dict:
+    d = {}
+    d["state_dict"] = d
+    return d
+
+
+def two_dict_cycle() -> dict:
+    a: dict = {}
+    a["state_dict"] = {"model": a}
+    return a
+
+
+def deep_wrappers() -> dict:
+    obj = SMALL
+    for _ in range(20):
+        obj = {"state_dict": obj}
+    return obj
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (self_containing, "a cycle through"),
+        (two_dict_cycle, "a cycle through"),
+        (deep_wrappers, "levels deep"),
+    ],
+)
+def test_wrapper_cycles_and_deep_nesting_are_refused(tmp_path, make, message, legacy):
+    torch.save(make(), tmp_path / "w.pth", _use_new_zipfile_serialization=not legacy)
+    with deadline(10), pytest.raises(UserError, match=message):
+        load_torch_state_dict(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(
+    "size, stride, storage_numel, message",
+    [
+        ((1000,), (0,), 1, "stride 0"),  # one value repeated
+        ((3 * 2**28,), (0,), 1, "more than any supported ResNet needs"),  # the 633-byte file
+        ((2**26 + 1,), (1,), 2**26 + 1, "more than any supported ResNet needs"),
+        ((100, 100), (1, 1), 200, "damaged.*overlaps"),  # 10,000 elements from 200
+    ],
+    ids=["stride0", "declared_huge", "over_cap", "overlapping"],
+)
+def test_tensors_larger_than_their_bytes_are_refused_before_reading(
+    tmp_path, size, stride, storage_numel, message
+):
+    # The storage really holds one element, so nothing large is ever read, even on failure.
+    obj = {"w": OldTensor(OldStorage("root", storage_numel), 0, size, stride)}
+    write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(1, np.float32)})
+    with pytest.raises(UserError, match=message):
+        load_torch_state_dict(tmp_path / "bad.pth")
+
+
+def test_many_views_of_one_storage_are_bounded_in_total(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch_format, "MAX_TOTAL_ELEMENTS", 1000)
+    storage = OldStorage("root", 100)
+    obj = {f"w{i}": OldTensor(storage, 0, (100,), (1,)) for i in range(11)}
+    write_old_legacy(tmp_path / "views.pth", obj, {"root": np.zeros(100, np.float32)})
+    with pytest.raises(UserError, match="1,100 tensor elements"):
+        load_torch_state_dict(tmp_path / "views.pth")
+
+
+def replace_member(src: Path, dst: Path, suffix: str, data: bytes) -> None:
+    """Copy a zip, replacing the member whose name ends with `suffix` by deflated `data`."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            if info.filename.endswith(suffix):
+                b.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                b.writestr(info, a.read(info))
+
+
+@pytest.mark.parametrize("member", ["/data/0", "/data.pkl"])
+def test_compressed_member_is_never_inflated_whole(tmp_path, member, monkeypatch):
+    monkeypatch.setattr(torch_format, "MAX_PICKLE_BYTES", 1 << 20)
+    torch.save({"w": torch.zeros(4)}, tmp_path / "w.pth")
+    # 64 MiB of zeros deflate to ~64 KB; the reader must stop after the bytes it expects.
+    replace_member(tmp_path / "w.pth", tmp_path / "bomb.pth", member, bytes(64 << 20))
+    assert (tmp_path / "bomb.pth").stat().st_size < 1 << 20
+    with pytest.raises(UserError, match="damaged.*larger than"):
+        load_torch_state_dict(tmp_path / "bomb.pth")
+
+
+def test_names_and_shapes_are_checked_before_tensors_are_read(tmp_path):
+    obj = {"w": OldTensor(OldStorage("root", 4), 0, (4,), (1,))}
+    write_old_legacy(tmp_path / "w.pth", obj, {"root": np.zeros(4, np.float32)})
+    seen = []
+
+    def check(shapes):
+        seen.append(shapes)
+        raise UserError("refused by the check")
+
+    reads = []
+    real_frombuffer = np.frombuffer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np, "frombuffer", lambda *a, **k: reads.append(1) or real_frombuffer(*a, **k))
+        with pytest.raises(UserError, match="refused by the check"):
+            load_torch_state_dict(tmp_path / "w.pth", check=check)
+    assert seen == [{"w": (4,)}] and not reads
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.uint16, torch.complex64, torch.float8_e4m3fn], ids=str
+)
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_unsupported_dtypes_are_named(tmp_path, dtype, legacy):
+    tensors = {"w": torch.zeros(2, dtype=dtype)}
+    torch.save(tensors, tmp_path / "w.pth", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UserError, match="type (uint16|ComplexFloat|float8_e4m3fn)") as error:
+        load_torch_state_dict(tmp_path / "w.pth")
+    assert "never needs" not in str(error.value)
+
+
+def test_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
+    # GLOBAL _rebuild_tensor_v2, then BUILD with a state that sets attributes on it: as
+    # (None, slot state), which pickle applies with setattr, or as a plain __dict__ update.
+    for name, state in (("slots", (None, {"__qualname__": "hacked"})), ("dict", {"x": 1})):
+        body = pickle.dumps(state, protocol=2)[2:-1]  # without PROTO and STOP
+        pickled = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + body + b"b."
+        write_zip(tmp_path / f"{name}.pth", pickled)
+        with pytest.raises(UserError, match="damaged.*set the state"):
+            load_torch_state_dict(tmp_path / f"{name}.pth")
+    assert torch_format._rebuild_tensor.__qualname__ == "_rebuild_tensor"
+    assert torch_format._rebuild_tensor.__dict__ == {}
+
+
+def test_unreadable_file_and_folder_are_one_line(tmp_path, monkeypatch):
+    torch.save(SMALL, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="is a folder"):
+        load_torch_state_dict(tmp_path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(torch_format, "open", denied, raising=False)
+    with pytest.raises(UserError, match="Cannot read .*Permission denied"):
+        load_torch_state_dict(tmp_path / "w.pth")
