@@ -94,7 +94,8 @@ def check_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     variables: Variables = {"params": {}, "batch_stats": {}}
     for key, shape in shapes.items():
         if key.endswith("num_batches_tracked"):
-            if math.prod(shape) != 1 or key.replace("num_batches_tracked", "running_var") not in shapes:
+            running_var = key.replace("num_batches_tracked", "running_var")
+            if math.prod(shape) != 1 or running_var not in shapes:
                 raise UserError(f"Checkpoint key '{key}' is not part of a torchvision ResNet.")
             continue
         path = _flax_path(key, len(shape))

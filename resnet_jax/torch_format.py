@@ -130,7 +130,8 @@ def _load_zip(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
         def reader(key: str, storage: Storage) -> Callable[[], np.ndarray]:
             dtype = storage.type.dtype(byteorder)
             nbytes = storage.numel * dtype.itemsize
-            return lambda: np.frombuffer(_read_member(archive, f"{prefix}data/{key}", nbytes), dtype)
+            member = f"{prefix}data/{key}"
+            return lambda: np.frombuffer(_read_member(archive, member, nbytes), dtype)
 
         storages: dict[str, Storage] = {}
         pickled = io.BytesIO(_read_member(archive, pickles[0], MAX_PICKLE_BYTES))
@@ -142,7 +143,7 @@ def _load_zip(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
 
 def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
     """At most `limit` bytes of a zip member, decompressed as they stream: a small compressed
-    member that inflates to gigabytes ("zip bomb") never is decompressed whole."""
+    member that inflates to gigabytes ("zip bomb") is never decompressed whole."""
     with archive.open(name) as member:
         data = member.read(limit)
         if len(data) == limit and member.read(1):

@@ -118,7 +118,8 @@ def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarra
     _check_proportions(image.width, image.height, name)
     new_h, new_w = resized_shorter_side(image.height, image.width, eval_size(image_size))
     if new_h * new_w > MAX_RESIZED_PIXELS:
-        raise BadImage(name, f"resizing it to {new_w}x{new_h} would exceed {MAX_RESIZED_PIXELS:,} pixels")
+        reason = f"resizing it to {new_w}x{new_h} would exceed {MAX_RESIZED_PIXELS:,} pixels"
+        raise BadImage(name, reason)
     image = _rgb(image)
     if (new_h, new_w) != (image.height, image.width):
         # Pillow's bilinear filter always antialiases, as torchvision's PIL path does.

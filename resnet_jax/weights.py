@@ -103,14 +103,16 @@ def _check_tree(tree: dict, path: Path, where: str = "") -> None:
     """Refuse anything but nested dicts with string keys and array leaves, in one line."""
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise UserError(f"{path} has a non-string key {key!r} in '{where or '/'}'; check the file.")
+            raise UserError(
+                f"{path} has a non-string key {key!r} in '{where or '/'}'; check the file."
+            )
         name = f"{where}/{key}" if where else key
         if isinstance(value, dict):
             _check_tree(value, path, name)
         elif not where or not isinstance(value, np.ndarray):
             raise UserError(
-                f"{path} holds a value of type {type(value).__name__} at '{name}' where Flax variables have "
-                f"{'a dict' if not where else 'an array'}; check the file."
+                f"{path} holds a value of type {type(value).__name__} at '{name}' where Flax "
+                f"variables have {'an array' if where else 'a dict'}; check the file."
             )
 
 

@@ -183,7 +183,8 @@ def test_torch_names_are_checked_before_tensors_are_read(tmp_path):
     state["classifier.weight"] = torch.zeros(10, 512)
     torch.save(state, tmp_path / "w.pth")
     # Damage the storages: a reader that got past the names would report the damage.
-    with zipfile.ZipFile(tmp_path / "w.pth") as src, zipfile.ZipFile(tmp_path / "x.pth", "w") as dst:
+    damaged = zipfile.ZipFile(tmp_path / "x.pth", "w")
+    with zipfile.ZipFile(tmp_path / "w.pth") as src, damaged as dst:
         for info in src.infolist():
             data = src.read(info)
             dst.writestr(info, data[:4] if "/data/" in info.filename else data)

@@ -1,4 +1,4 @@
-"""Hand-written .pth files: legacy pickles the way torch 0.x wrote them, raw zip and legacy wrappers."""
+"""Hand-written .pth files: legacy pickles as torch 0.x wrote them, and raw zip/legacy wrappers."""
 
 from __future__ import annotations
 
