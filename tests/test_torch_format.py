@@ -334,3 +334,11 @@ def test_unreadable_file_and_folder_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_format, "open", denied, raising=False)
     with pytest.raises(UserError, match="Cannot read .*Permission denied"):
         load_torch_state_dict(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.complex64, torch.float8_e4m3fn], ids=str)
+def test_unsupported_safetensors_dtypes_are_named(tmp_path, dtype):
+    safetensors.torch.save_file({"w": torch.zeros(2, dtype=dtype)}, tmp_path / "w.safetensors")
+    with pytest.raises(UserError, match=r"'w' as (U16|C64|F8_E4M3)\b.*convert it") as error:
+        load_torch_state_dict(tmp_path / "w.safetensors")
+    assert "never needs" not in str(error.value)
