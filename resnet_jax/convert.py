@@ -9,6 +9,7 @@ used by torch when momentum=None, so it is dropped on the way in and written as 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 Variables = dict[str, Any]
+FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, jnp.bfloat16, np.float32, np.float64))
 
 # (torch leaf name, rank) -> (Flax collection, Flax leaf name)
 _LEAVES = {
@@ -95,6 +97,24 @@ def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
         else:
             flat[(*prefix, k)] = v
     return flat
+
+
+def check_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The architecture a state dict's names and shapes fit (UserError if none): runs before
+    the tensors are read, so a file cannot make us allocate more than a ResNet needs."""
+    variables: Variables = {"params": {}, "batch_stats": {}}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            running_var = key.replace("num_batches_tracked", "running_var")
+            if math.prod(shape) != 1 or running_var not in shapes:
+                raise UserError(f"Checkpoint key '{key}' is not part of a torchvision ResNet.")
+            continue
+        path = _flax_path(key, len(shape))
+        flax_shape = tuple(shape[i] for i in _TO_FLAX[len(shape)])
+        _set(variables, path, jax.ShapeDtypeStruct(flax_shape, np.float32))
+    arch = detect_arch({k: jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()})
+    check_variables(variables, arch)
+    return arch
 
 
 def torch_to_flax(state_dict: dict[str, np.ndarray]) -> Variables:
@@ -208,6 +228,16 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
                 )
                 problems.append(f"{len(items)} {label}: {shown}")
         raise UserError(f"These weights do not fit {arch}: " + "; ".join(problems) + ".")
+    bad_dtype = [
+        f"{name(p, np.shape(v))} is {np.dtype(v.dtype).name}"
+        for p, v in _flatten(dict(variables)).items()
+        if hasattr(v, "dtype") and np.dtype(v.dtype) not in FLOAT_DTYPES
+    ]
+    if bad_dtype:
+        raise UserError(
+            f"These weights are not floating point ({', '.join(bad_dtype[:3])}); ResNet weights "
+            "are float16, bfloat16, float32 or float64: convert them and save again."
+        )
 
 
 def resolve_arch(variables: Variables, arch: str | None = None) -> str:

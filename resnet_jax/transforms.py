@@ -17,6 +17,10 @@ from resnet_jax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resizing the shorter side of a 1x100000 image to 256 would allocate gigabytes; refuse such
+# images as bad ones, so loaders and predict report and skip them like a truncated file.
+MAX_ASPECT_RATIO = 50
+MAX_RESIZED_PIXELS = 50_000_000
 
 
 def _normalize_table() -> np.ndarray:
@@ -43,16 +47,28 @@ class BadImage(UserError):
         )
 
 
+def _check_proportions(width: int, height: int, name: str | os.PathLike) -> None:
+    """Refuse an image so thin that resizing its shorter side would make a huge output."""
+    if min(width, height) == 0 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImage(
+            name, f"{width}x{height} pixels, more elongated than 1:{MAX_ASPECT_RATIO}"
+        )
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image and convert it to RGB exactly as torchvision's `pil_loader` does.
 
     Like torchvision: no EXIF rotation, transparency dropped, 16-bit values clipped to 255.
+    Images more elongated than 1:MAX_ASPECT_RATIO are refused before they are decoded.
     """
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
+            _check_proportions(image.width, image.height, path)
             image.load()  # decode everything now, so a truncated file fails here
-            return image.convert("RGB")
+            rgb = image.convert("RGB")
+            rgb.filename = os.fspath(path)  # kept for messages about this image later
+            return rgb
     except UnidentifiedImageError as e:
         raise BadImage(path, "not a format Pillow recognises") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -94,9 +110,17 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarray:
-    """`Resize(eval_size) + CenterCrop(image_size)` on a PIL image -> HWC uint8 RGB array."""
-    image = _rgb(image)
+    """`Resize(eval_size) + CenterCrop(image_size)` on a PIL image -> HWC uint8 RGB array.
+
+    Raises BadImage for an image whose resized copy would exceed the pixel budget.
+    """
+    name = getattr(image, "filename", "") or "an in-memory image"
+    _check_proportions(image.width, image.height, name)
     new_h, new_w = resized_shorter_side(image.height, image.width, eval_size(image_size))
+    if new_h * new_w > MAX_RESIZED_PIXELS:
+        reason = f"resizing it to {new_w}x{new_h} would exceed {MAX_RESIZED_PIXELS:,} pixels"
+        raise BadImage(name, reason)
+    image = _rgb(image)
     if (new_h, new_w) != (image.height, image.width):
         # Pillow's bilinear filter always antialiases, as torchvision's PIL path does.
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)

@@ -22,7 +22,7 @@ from flax.core import unfreeze
 from tqdm import tqdm
 
 from resnet_jax.cache import default_cache_dir
-from resnet_jax.convert import flax_to_torch, resolve_arch, torch_to_flax
+from resnet_jax.convert import check_torch_shapes, flax_to_torch, resolve_arch, torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
 from resnet_jax.torch_format import load_torch_state_dict
@@ -58,12 +58,14 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutErro
 def save_variables(path: str | os.PathLike, variables: Any) -> None:
     """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision names)."""
     path = Path(path)
-    if path.suffix == ".msgpack":
+    suffix = path.suffix.lower()
+    if suffix == ".msgpack":
         data = serialization.msgpack_serialize(jax.device_get(unfreeze(variables)))
-    elif path.suffix == ".safetensors":
+    elif suffix == ".safetensors":
         from safetensors.numpy import save
 
-        tensors = {k: np.ascontiguousarray(v) for k, v in flax_to_torch(variables).items()}
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them shape [1]).
+        tensors = {k: np.require(v, requirements="C") for k, v in flax_to_torch(variables).items()}
         data = save(tensors, metadata={"format": "pt"})
     else:
         raise UserError(f"Cannot save weights as {path}: use a .msgpack or .safetensors file name.")
@@ -72,25 +74,56 @@ def save_variables(path: str | os.PathLike, variables: Any) -> None:
 
 
 def load_variables(path: str | os.PathLike) -> dict:
-    """Read {'params', 'batch_stats'} from .msgpack, or from a torchvision .safetensors/.pth/.pt."""
+    """Read {'params', 'batch_stats'} from .msgpack, or from a torchvision .safetensors/.pth/.pt.
+
+    A .msgpack holding a whole Flax TrainState gives its params and batch_stats.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a weights file; give the file's path.")
     if not path.is_file():
         raise UserError(f"Weights file {path} does not exist; check the path.")
-    if path.suffix in TORCH_SUFFIXES:
-        return torch_to_flax(load_torch_state_dict(path))
-    if path.suffix != ".msgpack":
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        # Names and shapes are checked against the architectures before any tensor is read.
+        return torch_to_flax(load_torch_state_dict(path, check=check_torch_shapes))
+    if suffix != ".msgpack":
         raise UserError(
             f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth or .pt file."
         )
     try:
-        variables = serialization.msgpack_restore(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"Cannot read {path} ({e.strerror or e}); check its permissions.") from e
+    try:
+        tree = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises assorted errors on damaged input
         raise UserError(
             f"{path} is damaged or not a Flax .msgpack file ({e}); save it again."
         ) from e
-    if not isinstance(variables, dict) or "params" not in variables:
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
         raise UserError(f"{path} holds no Flax variables (no 'params' entry); check the file.")
+    # A TrainState also holds step and opt_state; only the model's variables are wanted.
+    variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+    _check_tree(variables, path)
     return variables
+
+
+def _check_tree(tree: dict, path: Path, where: str = "") -> None:
+    """Refuse anything but nested dicts with string keys and array leaves, in one line."""
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise UserError(
+                f"{path} has a non-string key {key!r} in '{where or '/'}'; check the file."
+            )
+        name = f"{where}/{key}" if where else key
+        if isinstance(value, dict):
+            _check_tree(value, path, name)
+        elif not where or not isinstance(value, np.ndarray):
+            raise UserError(
+                f"{path} holds a value of type {type(value).__name__} at '{name}' where Flax "
+                f"variables have {'an array' if where else 'a dict'}; check the file."
+            )
 
 
 def torch_hub_dir() -> Path:

@@ -3,12 +3,14 @@
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from torch_reference import nchw, numpy_state_dict, randomised_torch_model, relative_error
 
 from resnet_jax import ARCHS, UserError, check_variables, detect_arch, flax_to_torch, torch_to_flax
+from resnet_jax.convert import check_torch_shapes
 
 # Runs in a process where `import torch` fails: load both formats, convert, run, save logits.
 NO_TORCH_RUN = """
@@ -112,3 +114,25 @@ def test_detect_arch_refuses_what_it_does_not_know():
         detect_arch({"classifier.weight": np.zeros((2, 2))})
     with pytest.raises(UserError, match="not part of a torchvision ResNet"):
         torch_to_flax({"classifier.weight": np.zeros((2, 2)), **state})
+
+
+def test_check_torch_shapes_needs_no_tensor_values():
+    state = numpy_state_dict(randomised_torch_model("resnext50_32x4d"))
+    shapes = {k: v.shape for k, v in state.items()}
+    assert check_torch_shapes(shapes) == "resnext50_32x4d"
+    with pytest.raises(UserError, match=r"wrong shape: layer1\.0\.conv1\.weight"):
+        check_torch_shapes({**shapes, "layer1.0.conv1.weight": (64, 64, 1, 1)})
+    # Skipped on the way in, so a large or unpaired one could hide data: refused instead.
+    for key, shape in (("bn1.num_batches_tracked", (2**20,)), ("x.num_batches_tracked", ())):
+        with pytest.raises(UserError, match=f"'{key}' is not part of"):
+            check_torch_shapes({**shapes, key: shape})
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "int64", "uint16", "float8_e4m3fn"])
+def test_check_variables_refuses_non_float_weights(dtype):
+    variables = torch_to_flax(numpy_state_dict(randomised_torch_model("resnet18")))
+    variables["batch_stats"]["bn1"]["var"] = variables["batch_stats"]["bn1"]["var"].astype(
+        jnp.dtype(dtype)
+    )
+    with pytest.raises(UserError, match=f"bn1.running_var is {dtype}"):
+        check_variables(variables, "resnet18")

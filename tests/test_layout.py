@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 LAYERS = [
     {"errors", "files", "cache"},
     {"ops", "models"},
-    {"registry", "convert", "torch_format", "weights"},
+    {"registry", "convert", "torch_pickle", "torch_format", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},
     {"optim", "steps", "parallel", "checkpoint", "reporting", "transfer", "config"},
     {"trainer", "inference", "predict_output"},

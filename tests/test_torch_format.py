@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import json
-import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -17,13 +17,11 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+from torch_files import OldStorage, OldTensor, write_old_legacy
 
+from resnet_jax import torch_format
 from resnet_jax.errors import UserError
-from resnet_jax.torch_format import (
-    LEGACY_MAGIC_NUMBER,
-    LEGACY_PROTOCOL_VERSION,
-    load_torch_state_dict,
-)
+from resnet_jax.torch_format import LEGACY_MAGIC_NUMBER, load_torch_state_dict
 
 
 def resnet18_state_dict() -> dict[str, torch.Tensor]:
@@ -41,7 +39,7 @@ def resnet18_state_dict() -> dict[str, torch.Tensor]:
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
-    """Every dtype we read, plus views that share, slice, transpose and broadcast one storage."""
+    """Every dtype we read, plus views that share, slice and transpose one storage."""
     torch.manual_seed(1)
     base = torch.randn(5, 8)
     return {
@@ -59,7 +57,6 @@ def mixed_tensors() -> dict[str, torch.Tensor]:
         "row": base[2],  # shares base's storage, offset 16
         "transposed": base.t(),  # non-contiguous
         "sliced": base[1:4, 2::3],  # offset and strides
-        "broadcast": torch.randn(3, 1).expand(3, 4),  # stride 0
         "param": torch.nn.Parameter(torch.randn(2)),
     }
 
@@ -149,58 +146,6 @@ def test_big_endian_byteorder_record(tmp_path):
     np.testing.assert_array_equal(load_torch_state_dict(swapped)["w"], values)
 
 
-class OldStorage:
-    """A storage as torch 0.x pickled it: by persistent id, possibly as a view of another."""
-
-    def __init__(self, key, numel, view=None):
-        self.key, self.numel, self.view = key, numel, view
-
-
-class OldTensor:
-    def __init__(self, *args):
-        self.args = args
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor, self.args  # the pre-0.4 rebuild function
-
-
-def write_old_legacy(path: Path, obj, storages: dict[str, np.ndarray]) -> None:
-    """Write a pre-1.6 file by hand, the way torch 0.3 did (no _rebuild_tensor_v2)."""
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, o):
-            if isinstance(o, OldStorage):
-                return ("storage", torch.FloatStorage, o.key, "cpu", o.numel, o.view)
-            return None
-
-    with open(path, "wb") as f:
-        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
-            pickle.dump(header, f, protocol=2)
-        Pickler(f, protocol=2).dump(obj)
-        pickle.dump(sorted(storages), f, protocol=2)
-        f.writelines(struct.pack("<q", v.size) + v.tobytes() for _, v in sorted(storages.items()))
-
-
-def test_old_rebuild_tensor_and_storage_views(tmp_path):
-    data = np.arange(10, dtype=np.float32)
-    root = OldStorage("root", 10)
-    view = OldStorage("root", 10, view=("view", 2, 5))  # elements 2..6 of root
-    obj = collections.OrderedDict(
-        whole=OldTensor(root, 0, (2, 5), (5, 1)), part=OldTensor(view, 1, (2, 2), (2, 1))
-    )
-    write_old_legacy(tmp_path / "old.pth", obj, {"root": data})
-    loaded = load_torch_state_dict(tmp_path / "old.pth")
-    np.testing.assert_array_equal(loaded["whole"], data.reshape(2, 5))
-    np.testing.assert_array_equal(loaded["part"], data[3:7].reshape(2, 2))
-
-
-def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
-    obj = {"w": OldTensor(OldStorage("root", 4), 2, (3,), (1,))}
-    write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
-    with pytest.raises(UserError, match="damaged"):
-        load_torch_state_dict(tmp_path / "bad.pth")
-
-
 SMALL = {"fc.weight": torch.randn(2, 3), "fc.bias": torch.randn(2)}
 
 
@@ -233,83 +178,6 @@ def test_no_state_dict_inside(tmp_path):
     torch.save({"epoch": 3, "notes": "no tensors"}, tmp_path / "x.pth")
     with pytest.raises(UserError, match="holds no state dict"):
         load_torch_state_dict(tmp_path / "x.pth")
-
-
-class Evil:
-    """Unpickling this with plain pickle runs `func(arg)`."""
-
-    def __init__(self, func, arg):
-        self.func, self.arg = func, arg
-
-    def __reduce__(self):
-        return self.func, (self.arg,)
-
-
-def evil_payloads(marker: Path) -> dict[str, tuple[object, str]]:
-    touch = f"open({str(marker)!r}, 'w').close()"
-    return {
-        "os.system": (Evil(os.system, f"touch {marker}"), r"posix\.system"),
-        "builtins.eval": (Evil(eval, touch), r"builtin\w*\.eval"),  # __builtin__ in protocol 2
-        "builtins.exec": (Evil(exec, touch), r"builtin\w*\.exec"),
-    }
-
-
-def write_zip(path: Path, pickled: bytes) -> None:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", pickled)
-        archive.writestr("archive/byteorder", "little")
-
-
-def write_legacy(path: Path, pickled: bytes, *, in_header: bool = False) -> None:
-    with open(path, "wb") as f:
-        if in_header:  # the payload replaces the magic number
-            f.write(pickled)
-            return
-        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
-            pickle.dump(header, f, protocol=2)
-        f.write(pickled)
-        pickle.dump([], f, protocol=2)
-
-
-@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "builtins.exec"])
-@pytest.mark.parametrize("container", ["zip", "legacy", "legacy_header"])
-def test_malicious_pickle_is_refused_and_never_run(tmp_path, payload, container):
-    marker = tmp_path / "pwned"
-    evil, name_in_message = evil_payloads(marker)[payload]
-    protocol = pickle.HIGHEST_PROTOCOL if container == "zip" else 2  # STACK_GLOBAL and GLOBAL
-    pickled = pickle.dumps({"conv1.weight": evil}, protocol=protocol)
-    # The payload is live: plain pickle would create the marker.
-    pickle.loads(pickled)
-    assert marker.exists()
-    marker.unlink()
-
-    path = tmp_path / "evil.pth"
-    if container == "zip":
-        write_zip(path, pickled)
-    else:
-        write_legacy(path, pickled, in_header=container == "legacy_header")
-    with pytest.raises(UserError, match=name_in_message) as error:
-        load_torch_state_dict(path)
-    assert "state_dict()" in str(error.value)
-    assert not marker.exists()
-
-
-class TamperedTensor(OldTensor):
-    def __reduce__(self):  # a third item makes pickle run BUILD on the rebuilt tensor record
-        return torch._utils._rebuild_tensor_v2, self.args, {"stride": (-1,), "offset": 3}
-
-
-def test_pickle_cannot_rewrite_a_tensor_record(tmp_path):
-    obj = {"w": TamperedTensor(OldStorage("root", 4), 0, (4,), (1,), False, {})}
-    write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
-    with pytest.raises(UserError, match="damaged.*set the state"):
-        load_torch_state_dict(tmp_path / "bad.pth")
-
-
-def test_whole_model_pickle_names_the_class(tmp_path):
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
-    with pytest.raises(UserError, match="torch.nn.modules.linear.Linear"):
-        load_torch_state_dict(tmp_path / "model.pth")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated
@@ -352,3 +220,125 @@ def test_safetensors_by_content_and_bad_header(tmp_path):
     (tmp_path / "short.safetensors").write_bytes(data)
     with pytest.raises(UserError, match="damaged"):
         load_torch_state_dict(tmp_path / "short.safetensors")
+
+
+# --- hostile files: cycles, declared sizes, compression bombs, unsupported types ---
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail a test that would hang, instead of hanging the suite."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def self_containing() -> dict:
+    d = {}
+    d["state_dict"] = d
+    return d
+
+
+def two_dict_cycle() -> dict:
+    a: dict = {}
+    a["state_dict"] = {"model": a}
+    return a
+
+
+def deep_wrappers() -> dict:
+    obj = SMALL
+    for _ in range(20):
+        obj = {"state_dict": obj}
+    return obj
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (self_containing, "a cycle through"),
+        (two_dict_cycle, "a cycle through"),
+        (deep_wrappers, "levels deep"),
+    ],
+)
+def test_wrapper_cycles_and_deep_nesting_are_refused(tmp_path, make, message, legacy):
+    torch.save(make(), tmp_path / "w.pth", _use_new_zipfile_serialization=not legacy)
+    with deadline(10), pytest.raises(UserError, match=message):
+        load_torch_state_dict(tmp_path / "w.pth")
+
+
+def test_many_views_of_one_storage_are_bounded_in_total(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch_format, "MAX_TOTAL_ELEMENTS", 1000)
+    storage = OldStorage("root", 100)
+    obj = {f"w{i}": OldTensor(storage, 0, (100,), (1,)) for i in range(11)}
+    write_old_legacy(tmp_path / "views.pth", obj, {"root": np.zeros(100, np.float32)})
+    with pytest.raises(UserError, match="1,100 tensor elements"):
+        load_torch_state_dict(tmp_path / "views.pth")
+
+
+def replace_member(src: Path, dst: Path, suffix: str, data: bytes) -> None:
+    """Copy a zip, replacing the member whose name ends with `suffix` by deflated `data`."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            if info.filename.endswith(suffix):
+                b.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                b.writestr(info, a.read(info))
+
+
+@pytest.mark.parametrize("member", ["/data/0", "/data.pkl"])
+def test_compressed_member_is_never_inflated_whole(tmp_path, member, monkeypatch):
+    monkeypatch.setattr(torch_format, "MAX_PICKLE_BYTES", 1 << 20)
+    torch.save({"w": torch.zeros(4)}, tmp_path / "w.pth")
+    # 64 MiB of zeros deflate to ~64 KB; the reader must stop after the bytes it expects.
+    replace_member(tmp_path / "w.pth", tmp_path / "bomb.pth", member, bytes(64 << 20))
+    assert (tmp_path / "bomb.pth").stat().st_size < 1 << 20
+    with pytest.raises(UserError, match="damaged.*larger than"):
+        load_torch_state_dict(tmp_path / "bomb.pth")
+
+
+def test_names_and_shapes_are_checked_before_tensors_are_read(tmp_path):
+    obj = {"w": OldTensor(OldStorage("root", 4), 0, (4,), (1,))}
+    write_old_legacy(tmp_path / "w.pth", obj, {"root": np.zeros(4, np.float32)})
+    seen = []
+
+    def check(shapes):
+        seen.append(shapes)
+        raise UserError("refused by the check")
+
+    reads = []
+    real_frombuffer = np.frombuffer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np, "frombuffer", lambda *a, **k: reads.append(1) or real_frombuffer(*a, **k))
+        with pytest.raises(UserError, match="refused by the check"):
+            load_torch_state_dict(tmp_path / "w.pth", check=check)
+    assert seen == [{"w": (4,)}] and not reads
+
+
+def test_unreadable_file_and_folder_are_one_line(tmp_path, monkeypatch):
+    torch.save(SMALL, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="is a folder"):
+        load_torch_state_dict(tmp_path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(torch_format, "open", denied, raising=False)
+    with pytest.raises(UserError, match="Cannot read .*Permission denied"):
+        load_torch_state_dict(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.complex64, torch.float8_e4m3fn], ids=str)
+def test_unsupported_safetensors_dtypes_are_named(tmp_path, dtype):
+    safetensors.torch.save_file({"w": torch.zeros(2, dtype=dtype)}, tmp_path / "w.safetensors")
+    with pytest.raises(UserError, match=r"'w' as (U16|C64|F8_E4M3)\b.*convert it") as error:
+        load_torch_state_dict(tmp_path / "w.safetensors")
+    assert "never needs" not in str(error.value)

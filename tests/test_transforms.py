@@ -283,3 +283,29 @@ def test_eval_transform_converts_non_rgb_input():
     gray = random_image(64, 48, seed=8, mode="L")
     expected = T.eval_transform_uint8(gray.convert("RGB"), 32)
     np.testing.assert_array_equal(T.eval_transform_uint8(gray, 32), expected)
+
+
+def save_png(path, width, height):
+    Image.new("RGB", (width, height)).save(path)
+    return path
+
+
+def test_elongated_images_are_bad_images_before_decoding(tmp_path):
+    # A 1 x 100000 PNG is a few hundred bytes; resized for eval it would be 256 x 25,600,000.
+    path = tmp_path / "line.png"
+    Image.new("L", (100_000, 1)).save(path)
+    assert path.stat().st_size < 2000
+    with pytest.raises(T.BadImage, match="100000x1 pixels, more elongated than 1:50") as info:
+        T.load_rgb(path)
+    assert info.value.path == path and "line.png" in str(info.value)
+    assert T.load_rgb(save_png(tmp_path / "ok.png", 500, 10)).size == (500, 10)  # 1:50 is fine
+
+
+def test_eval_resize_beyond_the_pixel_budget_is_a_bad_image(tmp_path):
+    with pytest.raises(T.BadImage, match="more elongated than 1:50"):
+        T.eval_transform_uint8(Image.new("RGB", (1, 100)), 224)
+    # Square, but an image size whose resize would hold 8000 x 8000 pixels.
+    with pytest.raises(T.BadImage, match="8000x8000 would exceed 50,000,000 pixels") as info:
+        T.eval_transform_uint8(T.load_rgb(save_png(tmp_path / "small.png", 8, 8)), 7000)
+    assert "small.png" in str(info.value)  # load_rgb's image remembers its file
+    assert T.eval_transform_uint8(Image.new("RGB", (8, 8)), 224).shape == (224, 224, 3)

@@ -11,16 +11,21 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import safetensors.torch
 import torch
 import torchvision
+from flax import serialization
 from flax.core import freeze
+from flax.training import train_state
 
 from resnet_jax import weights
 from resnet_jax.convert import torch_to_flax
@@ -89,6 +94,7 @@ def test_safetensors_loads_into_torchvision_and_back(tmp_path):
             assert torch.equal(tensor, state[key]), key
 
     assert_trees_equal(load_variables(tmp_path / "r18.safetensors"), variables)
+    assert loaded["bn1.num_batches_tracked"].shape == torch.Size([])  # torchvision's shape
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt"])
@@ -115,6 +121,85 @@ def test_unsupported_suffix_missing_and_corrupt_files(tmp_path):
     save_variables(tmp_path / "other.msgpack", {"opt_state": {"mu": np.zeros(2)}})
     with pytest.raises(UserError, match="no 'params'"):
         load_variables(tmp_path / "other.msgpack")
+
+
+class TrainStateWithStats(train_state.TrainState):
+    batch_stats: Any = None
+
+
+def test_msgpack_of_a_whole_train_state_gives_its_variables(tmp_path):
+    state = TrainStateWithStats.create(
+        apply_fn=None,
+        params=SMALL["params"],
+        tx=optax.sgd(0.1, momentum=0.9),
+        batch_stats=SMALL["batch_stats"],
+    )
+    (tmp_path / "state.msgpack").write_bytes(serialization.to_bytes(state))
+    assert_trees_equal(load_variables(tmp_path / "state.msgpack"), SMALL)
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ({"params": SMALL["params"], "batch_stats": 5}, "int at 'batch_stats'"),
+        ({"params": {1: {"kernel": np.zeros(2)}}}, "non-string key 1 in 'params'"),
+        ({"params": {"fc": {2: np.zeros(2)}}}, "non-string key 2 in 'params/fc'"),
+        ({"params": {"fc": {"bias": "text"}}}, "str at 'params/fc/bias'"),
+    ],
+    ids=["number", "int_key", "nested_int_key", "string_leaf"],
+)
+def test_odd_msgpack_trees_are_refused_in_one_line(tmp_path, tree, message):
+    (tmp_path / "odd.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    with pytest.raises(UserError, match=message):
+        load_variables(tmp_path / "odd.msgpack")
+
+
+def test_suffixes_are_case_insensitive(tmp_path):
+    state = torchvision_resnet18()
+    torch.save(state, tmp_path / "r18.PTH")
+    variables = load_variables(tmp_path / "r18.PTH")
+    assert_trees_equal(variables, torch_to_flax(numpy_state(state)))
+    for name in ("r18.SafeTensors", "r18.MSGPACK"):
+        save_variables(tmp_path / name, variables)
+        assert_trees_equal(load_variables(tmp_path / name), variables)
+
+
+def test_folder_and_unreadable_weights_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "weights.msgpack").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        load_variables(tmp_path / "weights.msgpack")
+    save_variables(tmp_path / "v.msgpack", SMALL)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(UserError, match="Cannot read .*Permission denied"):
+        load_variables(tmp_path / "v.msgpack")
+
+
+def test_torch_names_are_checked_before_tensors_are_read(tmp_path):
+    state = dict(torchvision_resnet18())
+    state["classifier.weight"] = torch.zeros(10, 512)
+    torch.save(state, tmp_path / "w.pth")
+    # Damage the storages: a reader that got past the names would report the damage.
+    damaged = zipfile.ZipFile(tmp_path / "x.pth", "w")
+    with zipfile.ZipFile(tmp_path / "w.pth") as src, damaged as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, data[:4] if "/data/" in info.filename else data)
+    with pytest.raises(UserError, match="'classifier.weight' is not part of a torchvision ResNet"):
+        load_variables(tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int32, jnp.float8_e4m3fn], ids=str)
+def test_convert_refuses_weights_that_are_not_floating_point(tmp_path, dtype):
+    variables = torch_to_flax(numpy_state(torchvision_resnet18()))
+    variables["params"]["conv1"]["kernel"] = variables["params"]["conv1"]["kernel"].astype(dtype)
+    save_variables(tmp_path / "odd.msgpack", variables)
+    with pytest.raises(UserError, match=r"not floating point \(conv1\.weight is "):
+        weights.convert_file(tmp_path / "odd.msgpack", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
@@ -193,7 +278,7 @@ def free_port() -> int:
 def test_download_verify_reuse_and_load(caches, server, tmp_path):
     ours, _ = caches
     base, folder = server
-    state = {"conv1.weight": torch.randn(4, 3, 3, 3), "bn1.running_mean": torch.randn(4)}
+    state = torchvision_resnet18()
     torch.save(state, tmp_path / "w.pth")
     data = (tmp_path / "w.pth").read_bytes()
     name = hashed_name(data)
