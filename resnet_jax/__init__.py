@@ -21,13 +21,14 @@ from resnet_jax.models import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from resnet_jax.registry import ARCHITECTURES, Architecture, get_architecture
 
 __all__ = [
-    "ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "UserError",
-    "check_variables", "create_model", "detect_arch", "flax_to_torch", "load_variables",
-    "pooled_features", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "save_variables",
-    "torch_to_flax", "wide_resnet50_2", "wide_resnet101_2",
+    "ARCHITECTURES", "ARCHS", "Architecture", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet",
+    "UserError", "check_variables", "create_model", "detect_arch", "flax_to_torch",
+    "get_architecture", "load_variables", "pooled_features", "resnet18", "resnet34", "resnet50",
+    "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "save_variables", "torch_to_flax", "wide_resnet50_2", "wide_resnet101_2",
 ]  # fmt: skip
 
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.errors import UserError
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
+from resnet_jax.registry import ARCHITECTURES, get_architecture
 
 ModuleDef = Any
 Dtype = Any
@@ -265,68 +265,44 @@ def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
     return jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2)).astype(jnp.float32)
 
 
-def resnet18(**kwargs: Any) -> ResNet:
-    """ResNet-18. Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def resnet34(**kwargs: Any) -> ResNet:
-    """ResNet-34."""
-    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
+def from_registry(arch: str, **kwargs: Any) -> ResNet:
+    """The ResNet whose block, layers, groups and width `registry.ARCHITECTURES[arch]` gives.
 
-
-def resnet50(**kwargs: Any) -> ResNet:
-    """ResNet-50 (v1.5)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
-
-
-def resnet101(**kwargs: Any) -> ResNet:
-    """ResNet-101 (v1.5)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
-
-
-def resnet152(**kwargs: Any) -> ResNet:
-    """ResNet-152 (v1.5)."""
-    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
-
-
-def resnext50_32x4d(**kwargs: Any) -> ResNet:
-    """ResNeXt-50 32x4d: 32 groups of width 4 in the first stage."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4, **kwargs)
-
-
-def resnext101_32x8d(**kwargs: Any) -> ResNet:
-    """ResNeXt-101 32x8d."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, **kwargs)
-
-
-def resnext101_64x4d(**kwargs: Any) -> ResNet:
-    """ResNeXt-101 64x4d."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4, **kwargs)
-
-
-def wide_resnet50_2(**kwargs: Any) -> ResNet:
-    """Wide ResNet-50-2: bottlenecks twice as wide inside."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), width_per_group=128, **kwargs)
-
-
-def wide_resnet101_2(**kwargs: Any) -> ResNet:
-    """Wide ResNet-101-2."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), width_per_group=128, **kwargs)
-
-
-ARCHS: dict[str, Callable[..., ResNet]] = {
-    f.__name__: f
-    for f in (
-        resnet18, resnet34, resnet50, resnet101, resnet152,
-        resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
-        wide_resnet50_2, wide_resnet101_2,
+    Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields.
+    """
+    a = get_architecture(arch)
+    return ResNet(
+        BLOCKS[a.block], a.layers, groups=a.groups, width_per_group=a.width_per_group, **kwargs
     )
-}  # fmt: skip
+
+
+def _factory(arch: str) -> Callable[..., ResNet]:
+    def factory(**kwargs: Any) -> ResNet:
+        return from_registry(arch, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = arch
+    factory.__doc__ = f"{get_architecture(arch).title}; see `from_registry` for the arguments."
+    return factory
+
+
+# Name -> factory, one per registry entry (a name kept from before the registry existed).
+ARCHS: dict[str, Callable[..., ResNet]] = {name: _factory(name) for name in ARCHITECTURES}
+
+resnet18 = ARCHS["resnet18"]
+resnet34 = ARCHS["resnet34"]
+resnet50 = ARCHS["resnet50"]
+resnet101 = ARCHS["resnet101"]
+resnet152 = ARCHS["resnet152"]
+resnext50_32x4d = ARCHS["resnext50_32x4d"]
+resnext101_32x8d = ARCHS["resnext101_32x8d"]
+resnext101_64x4d = ARCHS["resnext101_64x4d"]
+wide_resnet50_2 = ARCHS["wide_resnet50_2"]
+wide_resnet101_2 = ARCHS["wide_resnet101_2"]
 
 
 def create_model(arch: str, **kwargs: Any) -> ResNet:
     """The model named `arch` (a key of `ARCHS`), or a UserError listing the known names."""
-    if arch not in ARCHS:
-        raise UserError(f"Unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}.")
-    return ARCHS[arch](**kwargs)
+    return from_registry(arch, **kwargs)

@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from resnet_jax.errors import UserError
+from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_EVAL.mean
+IMAGENET_STD = IMAGENET_EVAL.std
 
 
 def _normalize_table() -> np.ndarray:
@@ -62,9 +63,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise BadImage(path, reason) from e
 
 
-def eval_size(image_size: int) -> int:
-    """The shorter-side resize before the centre crop: 256 for 224, as in torchvision's recipe."""
-    return round(image_size * 256 / 224)
+def eval_size(image_size: int, recipe: EvalTransform = IMAGENET_EVAL) -> int:
+    """The shorter-side resize before the centre crop, in the recipe's proportion: 256 for 224."""
+    return round(image_size * recipe.resize_size / recipe.crop_size)
 
 
 def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:

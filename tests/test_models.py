@@ -10,6 +10,7 @@ import torch
 from torch_reference import nchw, randomised_torch_model, relative_error
 
 from resnet_jax import (
+    ARCHITECTURES,
     ARCHS,
     BatchNorm,
     Bottleneck,
@@ -22,21 +23,6 @@ from resnet_jax import (
 )
 from resnet_jax.convert import torch_to_flax
 
-# torchvision's parameter counts (1000 classes).
-PARAM_COUNTS = {
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    "resnext50_32x4d": 25_028_904,
-    "resnext101_32x8d": 88_791_336,
-    "resnext101_64x4d": 83_455_272,
-    "wide_resnet50_2": 68_883_240,
-    "wide_resnet101_2": 126_886_696,
-}
-
-
 def count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -45,10 +31,12 @@ def abstract_init(model, size=32):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
-def test_parameter_count_equals_torchvision(name):
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_parameter_count_is_the_registrys(name):
+    # The registry's counts are torchvision's (test_registry.py).
     assert ARCHS[name] is getattr(__import__("resnet_jax"), name)
-    assert count(abstract_init(ARCHS[name]())["params"]) == PARAM_COUNTS[name]
+    assert ARCHS[name].__name__ == name
+    assert count(abstract_init(ARCHS[name]())["params"]) == ARCHITECTURES[name].num_params
 
 
 def test_variables_are_params_and_batch_stats_in_float32_whatever_the_dtype():
