@@ -23,6 +23,13 @@ from resnet_jax.registry import ARCHITECTURES, get_architecture
 ModuleDef = Any
 Dtype = Any
 
+
+def storage_dtype(dtype: Dtype) -> jnp.dtype:
+    """Parameters, BatchNorm statistics and logits: float32 for float32 and bfloat16 compute,
+    float64 for float64 compute (which needs `jax_enable_x64`)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. N(0, 2 / fan_out).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -49,9 +56,8 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, p = self.kernel_size, self.strides, self.padding
-        kernel = self.param(
-            "kernel", conv_init, (k, k, x.shape[-1] // self.groups, self.features), jnp.float32
-        )
+        shape = (k, k, x.shape[-1] // self.groups, self.features)
+        kernel = self.param("kernel", conv_init, shape, storage_dtype(self.dtype))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1 and self.groups == 1:
             # A 1x1 convolution is a matrix product over channels. Written as one, XLA:CPU
@@ -77,7 +83,8 @@ class Conv(nn.Module):
 class BatchNorm(nn.Module):
     """BatchNorm2d with torch's semantics: eps 1e-5, momentum 0.1 in torch's convention, and
     the running variance updated with the unbiased batch variance (Flax's BatchNorm uses the
-    biased one). Statistics and parameters stay float32 whatever the compute dtype."""
+    biased one). Statistics and parameters are float32, or float64 for float64 compute
+    (`storage_dtype`): float64 inputs get float64 statistics."""
 
     use_running_average: bool
     momentum: float = 0.1
@@ -87,16 +94,16 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        c, dtype = x.shape[-1], storage_dtype(self.dtype)
+        scale = self.param("scale", self.scale_init, (c,), dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), dtype)
 
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             axes = tuple(range(x.ndim - 1))
             # One pass over x, shifted by one sample per channel: E[d^2] - E[d]^2 with d = x - x0.
             # Unshifted, float32 cancels when |mean| >> std (wrong variance, wrong gradients).
@@ -215,7 +222,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """NHWC images -> logits (float32), or the layer4 feature map if `include_top=False`."""
+        """NHWC images -> logits (float32; float64 for float64 compute), or the layer4 feature
+        map if `include_top=False`."""
         conv = partial(Conv, dtype=self.dtype)
 
         def norm(stage: int) -> ModuleDef:
@@ -254,15 +262,21 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         init = torch_linear_init(x.shape[-1])
         x = nn.Dense(
-            self.num_classes, dtype=self.dtype, kernel_init=init, bias_init=init, name="fc"
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=storage_dtype(self.dtype),
+            kernel_init=init,
+            bias_init=init,
+            name="fc",
         )(x)
-        return x.astype(jnp.float32)
+        return x.astype(storage_dtype(self.dtype))
 
 
 def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
     """Global-average-pooled layer4 features, (N, 512) or (N, 2048): the input of `fc`."""
     trunk = model.clone(include_top=False)
-    return jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2)).astype(jnp.float32)
+    features = jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2))
+    return features.astype(storage_dtype(model.dtype))
 
 
 BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
