@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import from_registry
+from resnet_jax.models import create_model
 from resnet_jax.registry import ARCHITECTURES, find_architecture
 
 Variables = dict[str, Any]
@@ -148,7 +148,7 @@ def num_classes_of(variables: Variables) -> int | None:
 
 def expected_shapes(arch: str, num_classes: int | None = 1000) -> dict[tuple[str, ...], tuple]:
     """Flattened variable path -> shape for `arch` (no head when `num_classes` is None)."""
-    model = from_registry(arch, num_classes=num_classes or 1, include_top=num_classes is not None)
+    model = create_model(arch, num_classes=num_classes or 1, include_top=num_classes is not None)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )

@@ -282,8 +282,8 @@ def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
 BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def from_registry(arch: str, **kwargs: Any) -> ResNet:
-    """The ResNet whose block, layers, groups and width `registry.ARCHITECTURES[arch]` gives.
+def create_model(arch: str, **kwargs: Any) -> ResNet:
+    """The ResNet that `registry.ARCHITECTURES[arch]` describes (a UserError for unknown names).
 
     Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields.
     """
@@ -295,10 +295,10 @@ def from_registry(arch: str, **kwargs: Any) -> ResNet:
 
 def _factory(arch: str) -> Callable[..., ResNet]:
     def factory(**kwargs: Any) -> ResNet:
-        return from_registry(arch, **kwargs)
+        return create_model(arch, **kwargs)
 
     factory.__name__ = factory.__qualname__ = arch
-    factory.__doc__ = f"{get_architecture(arch).title}; see `from_registry` for the arguments."
+    factory.__doc__ = f"{get_architecture(arch).title}; takes what `create_model` takes."
     return factory
 
 
@@ -315,8 +315,3 @@ resnext101_32x8d = ARCHS["resnext101_32x8d"]
 resnext101_64x4d = ARCHS["resnext101_64x4d"]
 wide_resnet50_2 = ARCHS["wide_resnet50_2"]
 wide_resnet101_2 = ARCHS["wide_resnet101_2"]
-
-
-def create_model(arch: str, **kwargs: Any) -> ResNet:
-    """The model named `arch` (a key of `ARCHS`), or a UserError listing the known names."""
-    return from_registry(arch, **kwargs)

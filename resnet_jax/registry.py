@@ -1,5 +1,5 @@
 """Every architecture's facts in one table: its structure, torchvision's ImageNet weights with
-the eval transform they were trained with, and its parameter count.
+the eval transform they were measured with, and its parameter count.
 
 The factories (models.py), architecture detection (convert.py), downloads (weights.py), the
 eval sizes (transforms.py), the tests and the README's table all read `ARCHITECTURES`.
