@@ -76,9 +76,9 @@ def test_initialisation_follows_torchvision():
 # ReLU input lies within float32 rounding of zero its mask flips, and whole gradient tensors move
 # by 1e-3 to 3e-1 (5 of 20 random resnet18 cases at 64 px). Deep random networks in train mode
 # are chaotic in float32 too (torch's own float32 gradients of resnext50_32x4d differ from its
-# float64 ones by 1e-1 to 6e-1). So these float32 checks use inputs known to be clear of such
-# cases and a one-block-per-stage ResNeXt (where torch float32 and float64 agree to ~5e-6);
-# test_float64.py carries the exactness claim.
+# float64 ones by 1e-1 to 6e-1). So these float32 checks use a seed clear of such cases and a
+# one-block-per-stage ResNeXt (where torch float32 and float64 agree to ~5e-6), and only catch
+# gross errors; test_float64.py carries the exactness claim.
 TRAIN_MODELS = {
     "resnet18": resnet18,
     "resnext14_32x4d": partial(ResNet, Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4),
