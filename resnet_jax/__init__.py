@@ -20,15 +20,39 @@ _EXPORTS = {
          "wide_resnet50_2", "wide_resnet101_2"),
         "models",
     ),
+    **dict.fromkeys(("ARCHITECTURES", "Architecture", "get_architecture"), "registry"),
     **dict.fromkeys(("load_variables", "save_variables"), "weights"),
 }  # fmt: skip
 
 __all__ = [
-    "ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "UserError", "check_variables",
-    "create_model", "detect_arch", "flax_to_torch", "init_variables", "load_variables",
-    "pooled_features", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "save_variables",
-    "torch_to_flax", "wide_resnet50_2", "wide_resnet101_2",
+    "ARCHITECTURES",
+    "ARCHS",
+    "Architecture",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "ResNet",
+    "UserError",
+    "check_variables",
+    "create_model",
+    "detect_arch",
+    "flax_to_torch",
+    "get_architecture",
+    "init_variables",
+    "load_variables",
+    "pooled_features",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "save_variables",
+    "torch_to_flax",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -54,6 +78,7 @@ if TYPE_CHECKING:
         wide_resnet50_2,
         wide_resnet101_2,
     )
+    from resnet_jax.registry import ARCHITECTURES, Architecture, get_architecture
     from resnet_jax.weights import load_variables, save_variables
 
 

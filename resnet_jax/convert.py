@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import ARCHS, BasicBlock, Bottleneck
+from resnet_jax.models import create_model
+from resnet_jax.registry import ARCHITECTURES, find_architecture
 
 __all__ = [
     "Variables",
@@ -144,11 +145,6 @@ def flax_to_torch(variables: Variables) -> dict[str, np.ndarray]:
     return state_dict
 
 
-def _spec(arch: str) -> tuple[type, tuple[int, ...], int, int]:
-    model = ARCHS[arch]()
-    return model.block, tuple(model.layers), model.groups, model.width_per_group
-
-
 def detect_arch(state_dict: dict[str, Any]) -> str:
     """The name of the factory (e.g. 'resnext50_32x4d') whose model a checkpoint belongs to."""
     keys = [k for k in state_dict if k.startswith("layer")]
@@ -159,20 +155,20 @@ def detect_arch(state_dict: dict[str, Any]) -> str:
         raise UserError(
             "The checkpoint has no 'layer1.0.conv2.weight': it is not a torchvision ResNet."
         )
-    block = Bottleneck if "layer1.0.conv3.weight" in state_dict else BasicBlock
+    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
     groups, width_per_group = 1, 64
-    if block is Bottleneck:
+    if block == "bottleneck":
         # layer1's 3x3 conv is (width, width / groups, 3, 3) with width = width_per_group * groups.
         out_ch, in_per_group = np.shape(state_dict["layer1.0.conv2.weight"])[:2]
         groups = out_ch // in_per_group
         width_per_group = in_per_group
-    for arch in ARCHS:
-        if _spec(arch) == (block, depths, groups, width_per_group):
-            return arch
-    raise UserError(
-        f"The checkpoint is not a known ResNet ({block.__name__} blocks, stage depths {depths}, "
-        f"groups {groups}, width per group {width_per_group}); known: {', '.join(ARCHS)}."
-    )
+    found = find_architecture((block, depths, groups, width_per_group))
+    if found is None:
+        raise UserError(
+            f"The checkpoint is not a known ResNet ({block} blocks, stage depths {depths}, groups "
+            f"{groups}, width per group {width_per_group}); known: {', '.join(ARCHITECTURES)}."
+        )
+    return found.name
 
 
 def num_classes_of(variables: Variables) -> int | None:
@@ -183,7 +179,7 @@ def num_classes_of(variables: Variables) -> int | None:
 
 def expected_shapes(arch: str, num_classes: int | None = 1000) -> dict[tuple[str, ...], tuple]:
     """Flattened variable path -> shape for `arch` (no head when `num_classes` is None)."""
-    model = ARCHS[arch](num_classes=num_classes or 1, include_top=num_classes is not None)
+    model = create_model(arch, num_classes=num_classes or 1, include_top=num_classes is not None)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )
@@ -195,8 +191,6 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
 
     `num_classes=None` accepts whatever head the variables carry (or none at all).
     """
-    if arch not in ARCHS:
-        raise UserError(f"Unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}.")
     if num_classes is None:
         num_classes = num_classes_of(variables)
     want = expected_shapes(arch, num_classes)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.errors import UserError
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
+from resnet_jax.registry import ARCHITECTURES, get_architecture
 
 __all__ = [
     "ARCHS",
@@ -47,6 +47,13 @@ __all__ = [
 ModuleDef = Any
 Dtype = Any
 
+
+def storage_dtype(dtype: Dtype) -> jnp.dtype:
+    """Parameters, BatchNorm statistics and logits: float32 for float32 and bfloat16 compute,
+    float64 for float64 compute (which needs `jax_enable_x64`)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. N(0, 2 / fan_out).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -73,9 +80,8 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, p = self.kernel_size, self.strides, self.padding
-        kernel = self.param(
-            "kernel", conv_init, (k, k, x.shape[-1] // self.groups, self.features), jnp.float32
-        )
+        shape = (k, k, x.shape[-1] // self.groups, self.features)
+        kernel = self.param("kernel", conv_init, shape, storage_dtype(self.dtype))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1 and self.groups == 1:
             # A 1x1 convolution is a matrix product over channels. Written as one, XLA:CPU
@@ -101,7 +107,8 @@ class Conv(nn.Module):
 class BatchNorm(nn.Module):
     """BatchNorm2d with torch's semantics: eps 1e-5, momentum 0.1 in torch's convention, and
     the running variance updated with the unbiased batch variance (Flax's BatchNorm uses the
-    biased one). Statistics and parameters stay float32 whatever the compute dtype."""
+    biased one). Statistics and parameters are float32, or float64 for float64 compute
+    (`storage_dtype`): float64 inputs get float64 statistics."""
 
     use_running_average: bool
     momentum: float = 0.1
@@ -111,16 +118,16 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        c, dtype = x.shape[-1], storage_dtype(self.dtype)
+        scale = self.param("scale", self.scale_init, (c,), dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), dtype)
 
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             axes = tuple(range(x.ndim - 1))
             # One pass over x, shifted by one sample per channel: E[d^2] - E[d]^2 with d = x - x0.
             # Unshifted, float32 cancels when |mean| >> std (wrong variance, wrong gradients).
@@ -239,7 +246,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """NHWC images -> logits (float32), or the layer4 feature map if `include_top=False`."""
+        """NHWC images -> logits (float32; float64 for float64 compute), or the layer4 feature
+        map if `include_top=False`."""
         conv = partial(Conv, dtype=self.dtype)
 
         def norm(stage: int) -> ModuleDef:
@@ -278,15 +286,21 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         init = torch_linear_init(x.shape[-1])
         x = nn.Dense(
-            self.num_classes, dtype=self.dtype, kernel_init=init, bias_init=init, name="fc"
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=storage_dtype(self.dtype),
+            kernel_init=init,
+            bias_init=init,
+            name="fc",
         )(x)
-        return x.astype(jnp.float32)
+        return x.astype(storage_dtype(self.dtype))
 
 
 def pooled_features(model: ResNet, variables: dict, x: jax.Array) -> jax.Array:
     """Global-average-pooled layer4 features, (N, 512) or (N, 2048): the input of `fc`."""
     trunk = model.clone(include_top=False)
-    return jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2)).astype(jnp.float32)
+    features = jnp.mean(trunk.apply(variables, x, train=False), axis=(1, 2))
+    return features.astype(storage_dtype(model.dtype))
 
 
 def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int = 32) -> dict:
@@ -295,68 +309,39 @@ def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int 
     return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)
 
 
-def resnet18(**kwargs: Any) -> ResNet:
-    """ResNet-18. Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
-
-
-def resnet34(**kwargs: Any) -> ResNet:
-    """ResNet-34."""
-    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
-
-
-def resnet50(**kwargs: Any) -> ResNet:
-    """ResNet-50 (v1.5)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
-
-
-def resnet101(**kwargs: Any) -> ResNet:
-    """ResNet-101 (v1.5)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
-
-
-def resnet152(**kwargs: Any) -> ResNet:
-    """ResNet-152 (v1.5)."""
-    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)
-
-
-def resnext50_32x4d(**kwargs: Any) -> ResNet:
-    """ResNeXt-50 32x4d: 32 groups of width 4 in the first stage."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4, **kwargs)
-
-
-def resnext101_32x8d(**kwargs: Any) -> ResNet:
-    """ResNeXt-101 32x8d."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, **kwargs)
-
-
-def resnext101_64x4d(**kwargs: Any) -> ResNet:
-    """ResNeXt-101 64x4d."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4, **kwargs)
-
-
-def wide_resnet50_2(**kwargs: Any) -> ResNet:
-    """Wide ResNet-50-2: bottlenecks twice as wide inside."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), width_per_group=128, **kwargs)
-
-
-def wide_resnet101_2(**kwargs: Any) -> ResNet:
-    """Wide ResNet-101-2."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), width_per_group=128, **kwargs)
-
-
-ARCHS: dict[str, Callable[..., ResNet]] = {
-    f.__name__: f
-    for f in (
-        resnet18, resnet34, resnet50, resnet101, resnet152,
-        resnext50_32x4d, resnext101_32x8d, resnext101_64x4d,
-        wide_resnet50_2, wide_resnet101_2,
-    )
-}  # fmt: skip
+BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 def create_model(arch: str, **kwargs: Any) -> ResNet:
-    """The model named `arch` (a key of `ARCHS`), or a UserError listing the known names."""
-    if arch not in ARCHS:
-        raise UserError(f"Unknown architecture '{arch}'; choose one of: {', '.join(ARCHS)}.")
-    return ARCHS[arch](**kwargs)
+    """The ResNet that `registry.ARCHITECTURES[arch]` describes (a UserError for unknown names).
+
+    Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields.
+    """
+    a = get_architecture(arch)
+    return ResNet(
+        BLOCKS[a.block], a.layers, groups=a.groups, width_per_group=a.width_per_group, **kwargs
+    )
+
+
+def _factory(arch: str) -> Callable[..., ResNet]:
+    def factory(**kwargs: Any) -> ResNet:
+        return create_model(arch, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = arch
+    factory.__doc__ = f"{get_architecture(arch).title}; takes what `create_model` takes."
+    return factory
+
+
+# Name -> factory, one per registry entry (a name kept from before the registry existed).
+ARCHS: dict[str, Callable[..., ResNet]] = {name: _factory(name) for name in ARCHITECTURES}
+
+resnet18 = ARCHS["resnet18"]
+resnet34 = ARCHS["resnet34"]
+resnet50 = ARCHS["resnet50"]
+resnet101 = ARCHS["resnet101"]
+resnet152 = ARCHS["resnet152"]
+resnext50_32x4d = ARCHS["resnext50_32x4d"]
+resnext101_32x8d = ARCHS["resnext101_32x8d"]
+resnext101_64x4d = ARCHS["resnext101_64x4d"]
+wide_resnet50_2 = ARCHS["wide_resnet50_2"]
+wide_resnet101_2 = ARCHS["wide_resnet101_2"]

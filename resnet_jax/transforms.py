@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from resnet_jax.errors import UserError
+from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_EVAL.mean
+IMAGENET_STD = IMAGENET_EVAL.std
 # Resizing the shorter side of a 1x100000 image to 256 would allocate gigabytes; refuse such
 # images as bad ones, so loaders and predict report and skip them like a truncated file.
 MAX_ASPECT_RATIO = 50
@@ -50,9 +51,7 @@ class BadImage(UserError):
 def _check_proportions(width: int, height: int, name: str | os.PathLike) -> None:
     """Refuse an image so thin that resizing its shorter side would make a huge output."""
     if min(width, height) == 0 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise BadImage(
-            name, f"{width}x{height} pixels, more elongated than 1:{MAX_ASPECT_RATIO}"
-        )
+        raise BadImage(name, f"{width}x{height} pixels, more elongated than 1:{MAX_ASPECT_RATIO}")
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -78,9 +77,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise BadImage(path, reason) from e
 
 
-def eval_size(image_size: int) -> int:
-    """The shorter-side resize before the centre crop: 256 for 224, as in torchvision's recipe."""
-    return round(image_size * 256 / 224)
+def eval_size(image_size: int, recipe: EvalTransform = IMAGENET_EVAL) -> int:
+    """The shorter-side resize before the centre crop, in the recipe's proportion: 256 for 224."""
+    return round(image_size * recipe.resize_size / recipe.crop_size)
 
 
 def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:
@@ -130,8 +129,10 @@ def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarra
 def normalize(x: Any) -> Any:
     """uint8 HWC/NHWC (NumPy or JAX, also inside jit) -> float32, bit-equal to ToTensor+Normalize."""
     if x.dtype != np.uint8 or x.shape[-1] != 3:
-        raise TypeError(f"normalize expects uint8 images with 3 channels last, got {x.dtype} "
-                        f"with shape {tuple(x.shape)}.")
+        raise TypeError(
+            f"normalize expects uint8 images with 3 channels last, got {x.dtype} "
+            f"with shape {tuple(x.shape)}."
+        )
     if isinstance(x, np.ndarray):
         return _NORMALIZE_TABLE[x, _CHANNELS]
     import jax.numpy as jnp  # only for JAX input, so data-loading processes never import JAX

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ from resnet_jax.cache import default_cache_dir
 from resnet_jax.convert import check_torch_shapes, flax_to_torch, resolve_arch, torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
+from resnet_jax.registry import ARCHITECTURES, get_architecture, sha256_prefix
 from resnet_jax.torch_format import load_torch_state_dict
 
 __all__ = [
@@ -36,20 +36,8 @@ __all__ = [
     "torch_hub_dir",
 ]
 
-# torchvision's IMAGENET1K_V1 weights (torchvision/models/resnet.py). The hex part of each file
-# name is a prefix of the file's sha256, the torch hub convention checked after download.
-WEIGHT_URLS: dict[str, str] = {
-    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
-    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-    "resnet152": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-    "resnext50_32x4d": "https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth",
-    "resnext101_32x8d": "https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth",
-    "resnext101_64x4d": "https://download.pytorch.org/models/resnext101_64x4d-173b62eb.pth",
-    "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-    "wide_resnet101_2": "https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth",
-}
+# torchvision's IMAGENET1K_V1 weights by architecture (kept as a name; the registry holds them).
+WEIGHT_URLS: dict[str, str] = {name: a.weights.url for name, a in ARCHITECTURES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails fast
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
@@ -134,12 +122,12 @@ def torch_hub_dir() -> Path:
 
 def _hash_prefix(filename: str) -> str:
     """`resnet18-f37072fd.pth` -> `f37072fd`: the part after the last '-' before the suffix."""
-    match = re.fullmatch(r".*-([0-9a-f]{6,64})\.[^.]+", filename)
-    if match is None:
+    prefix = sha256_prefix(filename)
+    if prefix is None:
         raise UserError(
             f"Cannot verify '{filename}': its name has no '-<sha256 prefix>' before the suffix."
         )
-    return match.group(1)
+    return prefix
 
 
 def _sha256(path: Path) -> str:
@@ -195,15 +183,11 @@ def pretrained_path(
     """Path of torchvision's ImageNet weights for `arch`, downloaded once and sha256-checked.
 
     Looks in `cache_dir` (default: `default_cache_dir()`) and torch hub's cache first. `url`
-    replaces `WEIGHT_URLS[arch]` (a mirror, or a local server in tests); its file name must keep
+    replaces the registry's URL (a mirror, or a local server in tests); its file name must keep
     the `-<sha256 prefix>` part.
     """
     if url is None:
-        if arch not in WEIGHT_URLS:
-            raise UserError(
-                f"No pretrained weights for '{arch}'; choose one of: {', '.join(WEIGHT_URLS)}."
-            )
-        url = WEIGHT_URLS[arch]
+        url = get_architecture(arch).weights.url
     filename = url.rsplit("/", 1)[-1]
     hash_prefix = _hash_prefix(filename)
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -9,9 +9,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 
 # Bottom to top, as ../shared/DESIGN.md and the README's layout section draw it.
 LAYERS = [
-    {"errors", "files", "cache"},
+    {"errors", "files", "cache", "registry"},
     {"ops", "models"},
-    {"registry", "convert", "torch_pickle", "torch_format", "weights"},
+    {"convert", "torch_pickle", "torch_format", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},
     {"optim", "steps", "parallel", "checkpoint", "reporting", "transfer", "config"},
     {"trainer", "inference", "predict_output"},

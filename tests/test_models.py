@@ -7,9 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import nchw, randomised_torch_model, relative_error
+from torch_reference import (
+    flax_step,
+    nchw,
+    numpy_state_dict,
+    randomised_torch_model,
+    step_errors,
+    torch_step,
+)
 
 from resnet_jax import (
+    ARCHITECTURES,
     ARCHS,
     BatchNorm,
     Bottleneck,
@@ -22,20 +30,6 @@ from resnet_jax import (
 )
 from resnet_jax.convert import torch_to_flax
 
-# torchvision's parameter counts (1000 classes).
-PARAM_COUNTS = {
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    "resnext50_32x4d": 25_028_904,
-    "resnext101_32x8d": 88_791_336,
-    "resnext101_64x4d": 83_455_272,
-    "wide_resnet50_2": 68_883_240,
-    "wide_resnet101_2": 126_886_696,
-}
-
 
 def count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
@@ -45,13 +39,15 @@ def abstract_init(model, size=32):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
-def test_parameter_count_equals_torchvision(name):
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_parameter_count_is_the_registrys(name):
+    # The registry's counts are torchvision's (test_registry.py).
     assert ARCHS[name] is getattr(__import__("resnet_jax"), name)
-    assert count(abstract_init(ARCHS[name]())["params"]) == PARAM_COUNTS[name]
+    assert ARCHS[name].__name__ == name
+    assert count(abstract_init(ARCHS[name]())["params"]) == ARCHITECTURES[name].num_params
 
 
-def test_variables_are_params_and_batch_stats_in_float32_whatever_the_dtype():
+def test_variables_are_params_and_batch_stats_in_float32_also_for_bfloat16():
     variables = abstract_init(resnet18(num_classes=7, dtype=jnp.bfloat16))
     assert set(variables) == {"params", "batch_stats"}
     assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
@@ -77,9 +73,13 @@ def test_initialisation_follows_torchvision():
     )
 
 
-# Deep random networks in train mode are chaotic in float32 (torch's own float32 gradients of
-# resnext50 differ from its float64 ones by ~10%), so the grouped Bottleneck is checked on a
-# one-block-per-stage ResNeXt, where torch float32 and float64 agree to ~5e-6.
+# Float32 gradients against torch at 1e-4 are flaky on random inputs by construction: when a
+# ReLU input lies within float32 rounding of zero its mask flips, and whole gradient tensors move
+# by 1e-3 to 3e-1 (5 of 20 random resnet18 cases at 64 px). Deep random networks in train mode
+# are chaotic in float32 too (torch's own float32 gradients of resnext50_32x4d differ from its
+# float64 ones by 1e-1 to 6e-1). So these float32 checks use a seed clear of such cases and a
+# one-block-per-stage ResNeXt (where torch float32 and float64 agree to ~5e-6), and only catch
+# gross errors; test_float64.py carries the exactness claim.
 TRAIN_MODELS = {
     "resnet18": resnet18,
     "resnext14_32x4d": partial(ResNet, Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4),
@@ -88,43 +88,16 @@ TRAIN_MODELS = {
 
 @pytest.mark.parametrize("name", list(TRAIN_MODELS))
 def test_train_mode_matches_torch_outputs_running_stats_and_gradients(name):
-    tmodel = randomised_torch_model(name, num_classes=5).train()
-    variables = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})
+    tmodel = randomised_torch_model(name, num_classes=5)
+    variables = torch_to_flax(numpy_state_dict(tmodel))
     x = np.random.RandomState(0).randn(4, 64, 64, 3).astype(np.float32)
     labels = np.array([0, 3, 1, 4])
-
-    tlogits = tmodel(nchw(x))
-    torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels)).backward()
-    tgrads = {n: p.grad.numpy() for n, p in tmodel.named_parameters()}
-    tstats = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})["batch_stats"]
-
-    model = TRAIN_MODELS[name](num_classes=5)
-
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        onehot = jax.nn.one_hot(labels, 5)
-        return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), (logits, updates)
-
-    grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+    want = torch_step(tmodel, x, labels)
+    got = flax_step(TRAIN_MODELS[name](num_classes=5), variables, x, labels)
     # Batch statistics over few values amplify float32 rounding, so train mode gets 1e-4 like the
     # gradients (eval mode is held to 1e-5 in test_convert.py).
-    assert relative_error(logits, tlogits.detach().numpy()) <= 1e-4
-
-    for got, want in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(tstats)):
-        assert relative_error(got, want) <= 1e-4
-
-    tgrads_flax = torch_to_flax(tgrads)["params"]
-    flat_got = jax.tree_util.tree_leaves_with_path(grads)
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(tgrads_flax))
-    assert len(flat_got) == len(flat_want)
-    for path, got in flat_got:
-        err = relative_error(got, flat_want[path])
-        assert err <= 1e-4, (jax.tree_util.keystr(path), err)
+    worst = max(step_errors(got, want).items(), key=lambda kv: kv[1])
+    assert worst[1] <= 1e-4, worst
 
 
 def test_include_top_false_gives_layer4_map_and_pooled_features_match_torch():

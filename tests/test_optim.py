@@ -47,9 +47,13 @@ def test_schedules():
 
 
 def test_unknown_optimizer_and_schedule_are_user_errors():
-    with pytest.raises(UserError, match="Unknown --optimizer 'lamb'; choose one of: adam, adamw, sgd"):
+    with pytest.raises(
+        UserError, match="Unknown --optimizer 'lamb'; choose one of: adam, adamw, sgd"
+    ):
         optim.make_optimizer("lamb", 0.1, 0.0)
-    with pytest.raises(UserError, match="Unknown --schedule 'step'; choose one of: constant, cosine"):
+    with pytest.raises(
+        UserError, match="Unknown --schedule 'step'; choose one of: constant, cosine"
+    ):
         optim.make_schedule(0.1, "step", 0, 10)
 
 
