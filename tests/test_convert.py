@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import nchw, numpy_state_dict, randomised_torch_model, relative_error
 
 from resnet_jax import ARCHS, UserError, check_variables, detect_arch, flax_to_torch, torch_to_flax
 from resnet_jax.convert import check_torch_shapes
@@ -35,7 +34,7 @@ for arch in sys.argv[2:]:
 
 
 @pytest.fixture(scope="module")
-def torch_checkpoints(tmp_path_factory):
+def torch_checkpoints(tmp_path_factory, nchw, randomised_torch_model):
     """Every architecture as zip and legacy .pth files, with torch's eval logits."""
     folder = tmp_path_factory.mktemp("checkpoints")
     x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
@@ -52,7 +51,7 @@ def torch_checkpoints(tmp_path_factory):
     return folder, logits
 
 
-def test_every_architecture_matches_torch_without_torch(torch_checkpoints):
+def test_every_architecture_matches_torch_without_torch(torch_checkpoints, relative_error):
     folder, logits = torch_checkpoints
     subprocess.run(
         [sys.executable, "-c", NO_TORCH_RUN, str(folder), *logits], check=True, timeout=600
@@ -63,7 +62,9 @@ def test_every_architecture_matches_torch_without_torch(torch_checkpoints):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
-def test_round_trip_is_exact_and_loads_into_torchvision(arch):
+def test_round_trip_is_exact_and_loads_into_torchvision(
+    arch, numpy_state_dict, randomised_torch_model
+):
     model = randomised_torch_model(arch)
     state = numpy_state_dict(model)
     back = flax_to_torch(torch_to_flax(state))
@@ -74,14 +75,14 @@ def test_round_trip_is_exact_and_loads_into_torchvision(arch):
     model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
 
 
-def test_conversion_copies_instead_of_aliasing():
+def test_conversion_copies_instead_of_aliasing(numpy_state_dict, randomised_torch_model):
     state = numpy_state_dict(randomised_torch_model("resnet18"))
     variables = torch_to_flax(state)
     state["bn1.running_mean"][:] = 123.0
     assert not np.any(variables["batch_stats"]["bn1"]["mean"] == 123.0)
 
 
-def test_wrong_architecture_lists_the_problem_keys():
+def test_wrong_architecture_lists_the_problem_keys(numpy_state_dict, randomised_torch_model):
     variables = torch_to_flax(numpy_state_dict(randomised_torch_model("resnet34")))
     with pytest.raises(
         UserError, match=r"do not fit resnet18: .*unexpected: layer1\.2\.conv1\.weight"
@@ -94,7 +95,7 @@ def test_wrong_architecture_lists_the_problem_keys():
         check_variables(variables, "resnet50")
 
 
-def test_truncated_checkpoint_and_wrong_head_are_refused():
+def test_truncated_checkpoint_and_wrong_head_are_refused(numpy_state_dict, randomised_torch_model):
     state = numpy_state_dict(randomised_torch_model("resnet18"))
     del state["layer4.1.bn2.running_var"]
     variables = torch_to_flax(state)
@@ -106,7 +107,7 @@ def test_truncated_checkpoint_and_wrong_head_are_refused():
         check_variables(full, "resnet18", num_classes=5)
 
 
-def test_detect_arch_refuses_what_it_does_not_know():
+def test_detect_arch_refuses_what_it_does_not_know(numpy_state_dict, randomised_torch_model):
     state = numpy_state_dict(randomised_torch_model("resnet18"))
     with pytest.raises(UserError, match="not a known ResNet"):
         detect_arch({k: v for k, v in state.items() if not k.startswith("layer4.1")})
@@ -116,7 +117,7 @@ def test_detect_arch_refuses_what_it_does_not_know():
         torch_to_flax({"classifier.weight": np.zeros((2, 2)), **state})
 
 
-def test_check_torch_shapes_needs_no_tensor_values():
+def test_check_torch_shapes_needs_no_tensor_values(numpy_state_dict, randomised_torch_model):
     state = numpy_state_dict(randomised_torch_model("resnext50_32x4d"))
     shapes = {k: v.shape for k, v in state.items()}
     assert check_torch_shapes(shapes) == "resnext50_32x4d"
@@ -129,7 +130,7 @@ def test_check_torch_shapes_needs_no_tensor_values():
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "int64", "uint16", "float8_e4m3fn"])
-def test_check_variables_refuses_non_float_weights(dtype):
+def test_check_variables_refuses_non_float_weights(dtype, numpy_state_dict, randomised_torch_model):
     variables = torch_to_flax(numpy_state_dict(randomised_torch_model("resnet18")))
     variables["batch_stats"]["bn1"]["var"] = variables["batch_stats"]["bn1"]["var"].astype(
         jnp.dtype(dtype)

@@ -12,14 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from torch_reference import (
-    flax_step,
-    numpy_state_dict,
-    randomised_torch_model,
-    relative_error,
-    step_errors,
-    torch_step,
-)
 
 from resnet_jax import BatchNorm, create_model, resnet18
 from resnet_jax.convert import torch_to_flax
@@ -57,7 +49,7 @@ OPS = {
 
 
 @pytest.mark.parametrize("op", list(OPS))
-def test_ops_and_their_gradients_stay_float64(op):
+def test_ops_and_their_gradients_stay_float64(op, relative_error):
     ours, xla, x_shape, w_shape = OPS[op]
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
@@ -77,7 +69,9 @@ def test_ops_and_their_gradients_stay_float64(op):
 # as a dense block-diagonal convolution (resnext layer1-2, <= 256 channels) and with XLA's
 # grouped forward and the dense kernel gradient (layer3-4).
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
-def test_float64_train_step_matches_torch(name):
+def test_float64_train_step_matches_torch(
+    name, flax_step, numpy_state_dict, randomised_torch_model, step_errors, torch_step
+):
     tmodel = randomised_torch_model(name, num_classes=5).double()
     state = numpy_state_dict(tmodel)
     x = np.random.RandomState(0).randn(2, 64, 64, 3)

@@ -7,14 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import (
-    flax_step,
-    nchw,
-    numpy_state_dict,
-    randomised_torch_model,
-    step_errors,
-    torch_step,
-)
 
 from resnet_jax import (
     ARCHITECTURES,
@@ -87,7 +79,9 @@ TRAIN_MODELS = {
 
 
 @pytest.mark.parametrize("name", list(TRAIN_MODELS))
-def test_train_mode_matches_torch_outputs_running_stats_and_gradients(name):
+def test_train_mode_matches_torch_outputs_running_stats_and_gradients(
+    name, flax_step, numpy_state_dict, randomised_torch_model, step_errors, torch_step
+):
     tmodel = randomised_torch_model(name, num_classes=5)
     variables = torch_to_flax(numpy_state_dict(tmodel))
     x = np.random.RandomState(0).randn(4, 64, 64, 3).astype(np.float32)
@@ -100,7 +94,9 @@ def test_train_mode_matches_torch_outputs_running_stats_and_gradients(name):
     assert worst[1] <= 1e-4, worst
 
 
-def test_include_top_false_gives_layer4_map_and_pooled_features_match_torch():
+def test_include_top_false_gives_layer4_map_and_pooled_features_match_torch(
+    nchw, randomised_torch_model
+):
     tmodel = randomised_torch_model("resnet18").eval()
     variables = torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()})
     x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)

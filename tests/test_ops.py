@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import nchw, relative_error
 
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 8, 10, 3), (1, 2, 2, 4)])
-def test_max_pool_matches_torch_including_ties(shape):
+def test_max_pool_matches_torch_including_ties(shape, nchw, relative_error):
     rng = np.random.RandomState(0)
     x = np.maximum(rng.randn(*shape), 0).astype(np.float32)  # ReLU output: ties at 0
     x[0, :3, :3, 0] = 1.0  # and a window of equal maxima
@@ -30,7 +29,7 @@ def test_max_pool_matches_torch_including_ties(shape):
 @pytest.mark.parametrize(
     ("size", "k", "stride", "padding"), [(2, 3, 1, 1), (1, 3, 1, 1), (5, 7, 2, 3)]
 )
-def test_patch_conv_equals_xla_convolution(size, k, stride, padding):
+def test_patch_conv_equals_xla_convolution(size, k, stride, padding, relative_error):
     rng = np.random.RandomState(1)
     x = jnp.asarray(rng.randn(2, size, size + 1, 4), jnp.float32)
     w = jnp.asarray(rng.randn(k, k, 4, 5), jnp.float32)
@@ -42,7 +41,7 @@ def test_patch_conv_equals_xla_convolution(size, k, stride, padding):
         assert relative_error(got, want) < 1e-5
 
 
-def test_pointwise_conv_and_its_gradients_equal_a_1x1_convolution():
+def test_pointwise_conv_and_its_gradients_equal_a_1x1_convolution(relative_error):
     rng = np.random.RandomState(3)
     x = jnp.asarray(rng.randn(2, 5, 6, 8), jnp.float32)
     w = jnp.asarray(rng.randn(8, 12), jnp.float32)
@@ -58,7 +57,7 @@ def test_pointwise_conv_and_its_gradients_equal_a_1x1_convolution():
 @pytest.mark.parametrize(
     ("groups", "stride", "channels"), [(4, 1, 8), (2, 2, 8), (32, 1, 512), (32, 2, 512)]
 )
-def test_grouped_conv_and_gradients_equal_xla(groups, stride, channels):
+def test_grouped_conv_and_gradients_equal_xla(groups, stride, channels, relative_error):
     # 8 channels take the dense block-diagonal path on CPU, 512 XLA's grouped convolution.
     rng = np.random.RandomState(2)
     x = jnp.asarray(rng.randn(2, 7, 7, channels), jnp.float32)
