@@ -51,6 +51,7 @@ def torch_checkpoints(tmp_path_factory, nchw, randomised_torch_model):
     return folder, logits
 
 
+@pytest.mark.slow
 def test_every_architecture_matches_torch_without_torch(torch_checkpoints, relative_error):
     folder, logits = torch_checkpoints
     subprocess.run(

@@ -17,6 +17,8 @@ from resnet_jax import BatchNorm, create_model, resnet18
 from resnet_jax.convert import torch_to_flax
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 
+pytestmark = pytest.mark.slow  # float64 train steps of three models against torch
+
 
 def xla_max_pool(x: jax.Array) -> jax.Array:
     """MaxPool2d(3, 2, 1) with XLA's reduce_window and JAX's generic gradient."""

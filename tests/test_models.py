@@ -48,6 +48,7 @@ def test_variables_are_params_and_batch_stats_in_float32_also_for_bfloat16():
     assert variables["batch_stats"]["layer4_1"]["bn2"]["var"].shape == (512,)
 
 
+@pytest.mark.slow
 def test_initialisation_follows_torchvision():
     model = resnet50(zero_init_residual=True)
     v = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
@@ -78,6 +79,7 @@ TRAIN_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRAIN_MODELS))
 def test_train_mode_matches_torch_outputs_running_stats_and_gradients(
     name, flax_step, numpy_state_dict, randomised_torch_model, step_errors, torch_step
@@ -109,6 +111,7 @@ def test_include_top_false_gives_layer4_map_and_pooled_features_match_torch(
     np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_frozen_stages_use_running_stats_and_stop_gradients():
     model = resnet18(num_classes=3, frozen_stages=2)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -144,6 +147,7 @@ def test_batch_statistics_stay_exact_when_the_mean_dwarfs_the_spread():
     np.testing.assert_allclose(upd["batch_stats"]["var"], running_var, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32():
     model32, model16 = resnet18(num_classes=4), resnet18(num_classes=4, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))

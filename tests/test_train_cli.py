@@ -21,6 +21,8 @@ from PIL import Image
 from resnet_jax.sources import read_class_indices
 from resnet_jax.weights import load_variables
 
+pytestmark = pytest.mark.slow  # every test runs train.py in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds per epoch on a shared 2-core CPU (3 steps of 6 images at 48 px), and

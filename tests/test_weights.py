@@ -361,6 +361,7 @@ def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_convert_weights_cli_pth_to_msgpack_to_safetensors(tmp_path):
     model = torchvision.models.resnet18(num_classes=7)
     torch.save(model.state_dict(), tmp_path / "r18.pth")
@@ -379,6 +380,7 @@ def test_convert_weights_cli_pth_to_msgpack_to_safetensors(tmp_path):
             assert torch.equal(fresh.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_convert_weights_cli_errors_are_one_line(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     for args, message in [
