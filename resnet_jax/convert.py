@@ -16,9 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import create_model
+from resnet_jax.models import create_model, init_variables
 from resnet_jax.registry import ARCHITECTURES, find_architecture
 
 __all__ = [
@@ -90,16 +91,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) or hasattr(v, "items"):
-            flat.update(_flatten(dict(v), (*prefix, k)))
-        else:
-            flat[(*prefix, k)] = v
-    return flat
-
-
 def check_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     """The architecture a state dict's names and shapes fit (UserError if none): runs before
     the tensors are read, so a file cannot make us allocate more than a ResNet needs."""
@@ -134,7 +125,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray]) -> Variables:
 def flax_to_torch(variables: Variables) -> dict[str, np.ndarray]:
     """Flax variables -> a state dict with torchvision's names and layouts (numpy arrays)."""
     state_dict: dict[str, np.ndarray] = {}
-    for path, value in _flatten(
+    for path, value in flatten_dict(
         {k: variables.get(k, {}) for k in ("params", "batch_stats")}
     ).items():
         value = np.asarray(value)
@@ -180,10 +171,8 @@ def num_classes_of(variables: Variables) -> int | None:
 def expected_shapes(arch: str, num_classes: int | None = 1000) -> dict[tuple[str, ...], tuple]:
     """Flattened variable path -> shape for `arch` (no head when `num_classes` is None)."""
     model = create_model(arch, num_classes=num_classes or 1, include_top=num_classes is not None)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    )
-    return {path: tuple(v.shape) for path, v in _flatten(dict(shapes)).items()}
+    shapes = jax.eval_shape(lambda: init_variables(model))
+    return {path: tuple(v.shape) for path, v in flatten_dict(dict(shapes)).items()}
 
 
 def check_variables(variables: Variables, arch: str, num_classes: int | None = None) -> None:
@@ -194,7 +183,7 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
     if num_classes is None:
         num_classes = num_classes_of(variables)
     want = expected_shapes(arch, num_classes)
-    have = {p: tuple(np.shape(v)) for p, v in _flatten(dict(variables)).items()}
+    have = {p: tuple(np.shape(v)) for p, v in flatten_dict(dict(variables)).items()}
 
     def name(path: tuple[str, ...], shape: tuple) -> str:
         return _torch_key(path, len(shape)) if len(shape) in _TO_TORCH else "/".join(path)
@@ -224,7 +213,7 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
         raise UserError(f"These weights do not fit {arch}: " + "; ".join(problems) + ".")
     bad_dtype = [
         f"{name(p, np.shape(v))} is {np.dtype(v.dtype).name}"
-        for p, v in _flatten(dict(variables)).items()
+        for p, v in flatten_dict(dict(variables)).items()
         if hasattr(v, "dtype") and np.dtype(v.dtype) not in FLOAT_DTYPES
     ]
     if bad_dtype:

@@ -16,6 +16,22 @@ from PIL import Image, UnidentifiedImageError
 from resnet_jax.errors import UserError
 from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BadImage",
+    "center_crop",
+    "eval_size",
+    "eval_transform_uint8",
+    "load_rgb",
+    "normalize",
+    "preprocess",
+    "random_resized_crop_flip",
+    "resized_crop",
+    "resized_shorter_side",
+    "sample_crop",
+]
+
 IMAGENET_MEAN = IMAGENET_EVAL.mean
 IMAGENET_STD = IMAGENET_EVAL.std
 # Resizing the shorter side of a 1x100000 image to 256 would allocate gigabytes; refuse such
@@ -200,20 +216,3 @@ def random_resized_crop_flip(
     if rng.random() < flip_p:
         array = array[:, ::-1]
     return np.ascontiguousarray(array)
-
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "BadImage",
-    "center_crop",
-    "eval_size",
-    "eval_transform_uint8",
-    "load_rgb",
-    "normalize",
-    "preprocess",
-    "random_resized_crop_flip",
-    "resized_crop",
-    "resized_shorter_side",
-    "sample_crop",
-]

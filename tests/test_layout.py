@@ -63,10 +63,24 @@ def test_no_module_imports_one_above_it():
     assert upward == []
 
 
-def test_public_modules_declare_all():
-    missing = [
-        p.name
-        for p in PACKAGE.rglob("*.py")
-        if not p.name.startswith("_") and "__all__" not in p.read_text()
-    ]
+def test_public_modules_declare_all_at_the_top():
+    """`__all__` stands right after the imports, before the first definition."""
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name.startswith("_"):
+            continue
+        body = ast.parse(path.read_text()).body
+        first_def = next(
+            (i for i, n in enumerate(body) if isinstance(n, (ast.FunctionDef, ast.ClassDef))),
+            len(body),
+        )
+        names = [
+            t.id
+            for node in body[:first_def]
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        ]
+        if "__all__" not in names:
+            missing.append(path.name)
     assert missing == []
