@@ -7,7 +7,7 @@ not wait for JAX.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -54,32 +54,6 @@ __all__ = [
     "wide_resnet50_2",
     "wide_resnet101_2",
 ]  # fmt: skip
-
-if TYPE_CHECKING:
-    from resnet_jax.convert import check_variables, detect_arch, flax_to_torch, torch_to_flax
-    from resnet_jax.errors import UserError
-    from resnet_jax.models import (
-        ARCHS,
-        BasicBlock,
-        BatchNorm,
-        Bottleneck,
-        ResNet,
-        create_model,
-        init_variables,
-        pooled_features,
-        resnet18,
-        resnet34,
-        resnet50,
-        resnet101,
-        resnet152,
-        resnext50_32x4d,
-        resnext101_32x8d,
-        resnext101_64x4d,
-        wide_resnet50_2,
-        wide_resnet101_2,
-    )
-    from resnet_jax.registry import ARCHITECTURES, Architecture, get_architecture
-    from resnet_jax.weights import load_variables, save_variables
 
 
 def __getattr__(name: str) -> Any:
