@@ -126,11 +126,7 @@ def _extract_state_dict(
     obj = _unwrap(obj, path)
     tensors = {}
     if isinstance(obj, dict):
-        tensors = {
-            k: v
-            for k, v in obj.items()
-            if isinstance(k, str) and isinstance(v, _Lazy)
-        }
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Lazy)}
     if not tensors:
         raise UserError(
             f"{path} holds no state dict (names mapped to tensors, at the top or under "
@@ -249,7 +245,7 @@ def _load_safetensors(path: Path, check: ShapeCheck | None) -> dict[str, np.ndar
             )
         header = json.loads(f.read(header_size))
         if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+            raise TypeError("the header is not a JSON object")
         header.pop("__metadata__", None)
         data_start = 8 + header_size
         data_size = os.fstat(f.fileno()).st_size - data_start
