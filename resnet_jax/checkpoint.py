@@ -129,6 +129,7 @@ class Checkpoints:
         if self._failure is not None:  # already reported; closing only releases resources
             with contextlib.suppress(Exception):
                 self._manager.close()
+            self._remove_partial()  # again: writes still in flight may have added to it
             return
         with self._writing():
             self._manager.close()
@@ -142,12 +143,15 @@ class Checkpoints:
         except UserError:
             raise
         except Exception as e:  # orbax re-raises the writer's error: ValueError, OSError...
-            epoch = self._writing_epoch
-            if epoch is not None:
-                for partial in self.directory.glob(f"{epoch}.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(partial, ignore_errors=True)
-            self._failure = self._write_failed(epoch, e)
+            self._remove_partial()
+            self._failure = self._write_failed(self._writing_epoch, e)
             raise self._failure from e
+
+    def _remove_partial(self) -> None:
+        """Delete orbax's temporary folder of the epoch being written."""
+        if self._writing_epoch is not None:
+            for partial in self.directory.glob(f"{self._writing_epoch}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _write_failed(self, epoch: int | None, error: Exception) -> UserError:
         folder = self.directory / str(epoch)
