@@ -4,6 +4,8 @@ Each checkpoint holds the train state (step, params, batch_stats, optimizer stat
 `meta` record (epoch, run configuration, metrics history, best accuracy). Orbax writes a step
 into a temporary folder and renames it when complete, so a `kill -9` during a write leaves only
 a temporary folder that is ignored (and removed) the next time the folder is opened.
+A write that fails (full disk) or a checkpoint that cannot be read (truncated files) ends in
+one UserError naming the folder, the last good epoch and what to do.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class Checkpoints:
                 shutil.rmtree(partial, ignore_errors=True)
 
     def _write_failed(self, epoch: int | None, error: Exception) -> UserError:
-        folder = self.directory / str(epoch)
+        folder = self.directory if epoch is None else self.directory / str(epoch)
         # tensorstore reports the operating system's error as "[os_error_code='28']".
         code = re.search(r"os_error_code='(\d+)'", str(error))
         if code is not None:

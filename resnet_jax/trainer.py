@@ -230,8 +230,9 @@ def _start(
             + ", ".join(changed)
             + "; pass the same values, or choose another --output-dir for a new run."
         )
+    state = ckpts.restore(abstract, latest)
     print_once(f"Resuming {config.output_dir} after epoch {latest}.")
-    return ckpts.restore(abstract, latest), meta["history"]
+    return state, meta["history"]
 
 
 # ---------------------------------------------------------------------------------------------
