@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -25,15 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 4 << 30
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+# Sets the limit in the child itself, before it imports anything: `preexec_fn` would fork this
+# multithreaded (JAX) process, which can deadlock.
+LIMITED = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_limited(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in the repository root, its address space limited to 4 GiB."""
     return subprocess.run(
-        [sys.executable, script, *args], check=False, cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=120, preexec_fn=_limit_memory,
+        [sys.executable, "-c", LIMITED, str(MEMORY_LIMIT), script, *args], check=False,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
