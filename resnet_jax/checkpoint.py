@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class Checkpoints:
         if self._failure is not None:  # already reported; closing only releases resources
             with contextlib.suppress(Exception):
                 self._manager.close()
-            self._remove_partial()  # again: writes still in flight may have added to it
+            self._remove_partial(settle_s=0.5)
             return
         with self._writing():
             self._manager.close()
@@ -149,11 +150,19 @@ class Checkpoints:
             self._failure = self._write_failed(self._writing_epoch, e)
             raise self._failure from e
 
-    def _remove_partial(self) -> None:
-        """Delete orbax's temporary folder of the epoch being written."""
-        if self._writing_epoch is not None:
+    def _remove_partial(self, settle_s: float = 0.0) -> None:
+        """Delete orbax's temporary folder of the epoch being written, again and again for
+        `settle_s` seconds: tensorstore's writes still in flight when the first one failed
+        recreate it for a moment (orbax does not wait for them)."""
+        if self._writing_epoch is None:
+            return
+        deadline = time.monotonic() + settle_s
+        while True:
             for partial in self.directory.glob(f"{self._writing_epoch}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def _write_failed(self, epoch: int | None, error: Exception) -> UserError:
         folder = self.directory if epoch is None else self.directory / str(epoch)

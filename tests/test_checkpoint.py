@@ -148,4 +148,7 @@ def test_a_failed_write_is_one_line_naming_the_last_good_checkpoint(tmp_path, mo
         f"Cannot write {tmp_path / '2'}: the disk is full; free some space and try again; "
         "training stopped, and the last good checkpoint is epoch 1 (--resume continues from it)."
     )
-    assert os.listdir(tmp_path) == ["1"]  # nothing half-written is left
+    # Nothing half-written is left, and a resumed run starts from epoch 1.
+    reopened = Checkpoints(tmp_path)
+    assert os.listdir(tmp_path) == ["1"] and reopened.latest_epoch() == 1
+    reopened.close()
