@@ -44,6 +44,7 @@ class TfdsSource(Source):
             image = Image.fromarray(array).convert("RGB")
         except Exception as e:  # a record tfds or Pillow cannot decode
             raise BadImage(self.name(i), f"{type(e).__name__}: {e}") from e
+        image.filename = self.name(i)  # so later messages (e.g. the pixel budget) name the record
         return image, int(record["label"])
 
     def load(self, i: int) -> Image.Image:

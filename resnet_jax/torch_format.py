@@ -8,13 +8,14 @@ read only up to the size their records declare, so memory is bounded by what the
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -44,6 +45,42 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 MAX_WRAPPER_DEPTH = 8  # {'state_dict': {'model': ...}} is 2; a file nesting deeper is malformed
 MAX_TOTAL_ELEMENTS = 2**28  # all tensors together; wide_resnet101_2 has 127M parameters
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds names and shapes only: kilobytes for a ResNet
+MAX_SAFETENSORS_HEADER_BYTES = 16 << 20  # likewise the JSON header: about 40 KB for resnet152
+
+
+class _SafetensorsTensor:
+    """A tensor of a .safetensors file, known by its header entry and read only on demand."""
+
+    def __init__(self, f: BinaryIO, name: str, entry: Any, data_start: int, data_size: int):
+        if not isinstance(entry, dict) or entry.get("dtype") is None:
+            raise ValueError(f"the header entry of '{name}' is not a tensor")
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise UserError(
+                f"{f.name} holds '{name}' as {entry['dtype']}, which this reader does not "
+                "support; convert it to float32 and save again."
+            )
+        self.dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+        self.bfloat16 = entry["dtype"] == "BF16"
+        self.shape = _header_ints(entry.get("shape"))
+        begin, end = _header_ints(entry.get("data_offsets"))
+        if end - begin != math.prod(self.shape) * self.dtype.itemsize or end > data_size:
+            raise ValueError(f"the bytes of '{name}' do not fit its shape or the file")
+        self._f, self._start, self._nbytes = f, data_start + begin, end - begin
+
+    def read(self) -> np.ndarray:
+        self._f.seek(self._start)
+        data = self._f.read(self._nbytes)
+        if len(data) != self._nbytes:
+            raise ValueError("the file ends inside a tensor")
+        array = np.frombuffer(data, self.dtype).reshape(self.shape)
+        array = array.astype(self.dtype.newbyteorder("="))
+        return bfloat16_to_float32(array) if self.bfloat16 else array
+
+
+def _header_ints(values: Any) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError(f"bad shape or offsets {values!r} in the header")
+    return tuple(values)
 
 
 def _unwrap(obj: Any, path: Path) -> Any:
@@ -68,8 +105,18 @@ def _unwrap(obj: Any, path: Path) -> Any:
     )
 
 
-def _shape(value: TensorRef | np.ndarray) -> tuple[int, ...]:
+# A tensor not yet read: its size is known, its bytes are read by `_materialise`.
+_Lazy = TensorRef | _SafetensorsTensor | np.ndarray
+
+
+def _shape(value: _Lazy) -> tuple[int, ...]:
     return value.size if isinstance(value, TensorRef) else value.shape
+
+
+def _materialise(value: _Lazy) -> np.ndarray:
+    if isinstance(value, TensorRef):
+        return to_array(value)
+    return value.read() if isinstance(value, _SafetensorsTensor) else value
 
 
 def _extract_state_dict(
@@ -79,11 +126,7 @@ def _extract_state_dict(
     obj = _unwrap(obj, path)
     tensors = {}
     if isinstance(obj, dict):
-        tensors = {
-            k: v
-            for k, v in obj.items()
-            if isinstance(k, str) and isinstance(v, TensorRef | np.ndarray)
-        }
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Lazy)}
     if not tensors:
         raise UserError(
             f"{path} holds no state dict (names mapped to tensors, at the top or under "
@@ -102,7 +145,7 @@ def _extract_state_dict(
         )
     if check is not None:  # names and shapes only: no tensor has been read yet
         check({k: _shape(v) for k, v in tensors.items()})
-    return {k: to_array(v) if isinstance(v, TensorRef) else v for k, v in tensors.items()}
+    return {k: _materialise(v) for k, v in tensors.items()}
 
 
 def _load_zip(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
@@ -190,24 +233,27 @@ def _load_legacy(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
 
 
 def _load_safetensors(path: Path, check: ShapeCheck | None) -> dict[str, np.ndarray]:
-    """safetensors: a JSON header then raw little-endian tensors; no code is ever run."""
-    from safetensors import deserialize  # safetensors.numpy cannot represent bfloat16
-
-    arrays = {}
-    for name, info in deserialize(path.read_bytes()):
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
+    """safetensors: an 8-byte little-endian length, a JSON header of names, dtypes, shapes and
+    byte offsets, then raw tensors. The header is checked before any tensor is read."""
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > MAX_SAFETENSORS_HEADER_BYTES:
             raise UserError(
-                f"{path} holds '{name}' as {info['dtype']}, which this reader does not support; "
-                "convert it to float32 and save again."
+                f"{path} declares a header of {header_size:,} bytes, more than the "
+                f"{MAX_SAFETENSORS_HEADER_BYTES:,} any ResNet's names and shapes need, so it "
+                "was not loaded; check the file."
             )
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-        array = (
-            np.frombuffer(info["data"], dtype)
-            .reshape(info["shape"])
-            .astype(dtype.newbyteorder("="))
-        )
-        arrays[name] = bfloat16_to_float32(array) if info["dtype"] == "BF16" else array
-    return _extract_state_dict(arrays, path, check)
+        header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_size
+        data_size = os.fstat(f.fileno()).st_size - data_start
+        tensors = {
+            name: _SafetensorsTensor(f, name, entry, data_start, data_size)
+            for name, entry in header.items()
+        }
+        return _extract_state_dict(tensors, path, check)
 
 
 def _is_safetensors(head: bytes) -> bool:

@@ -73,17 +73,18 @@ def train(config: TrainConfig) -> TrainResult:
     if jax.process_index() == 0:
         _make_output_dir(out, replaced)
     ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
-    state, history = _start(config, model, make_state, ckpts, dp)
-    if jax.process_index() == 0 and data.classes is not None:
-        write_class_indices(out / "class_indices.json", data.classes)
-    if history:  # a kill may have come between a checkpoint and the metrics it records
-        write_metrics(out, history)
+    try:  # from here on, close the checkpoint manager whatever happens
+        state, history = _start(config, model, make_state, ckpts, dp)
+        if jax.process_index() == 0 and data.classes is not None:
+            write_class_indices(out / "class_indices.json", data.classes)
+        if history:  # a kill may have come between a checkpoint and the metrics it records
+            write_metrics(out, history)
 
-    if len(history) >= config.epochs:
-        print_once(f"{out} is already trained for {len(history)} epochs; raise --epochs to go on.")
-    train_step, eval_step = dp.jit_train_step(config.label_smoothing), dp.jit_eval_step()
-    compiled = False
-    try:
+        if len(history) >= config.epochs:
+            done = len(history)
+            print_once(f"{out} is already trained for {done} epochs; raise --epochs to go on.")
+        train_step, eval_step = dp.jit_train_step(config.label_smoothing), dp.jit_eval_step()
+        compiled = False
         for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
             state, train_metrics, compile_s, train_s = _train_epoch(
@@ -229,8 +230,9 @@ def _start(
             + ", ".join(changed)
             + "; pass the same values, or choose another --output-dir for a new run."
         )
+    state = ckpts.restore(abstract, latest)
     print_once(f"Resuming {config.output_dir} after epoch {latest}.")
-    return ckpts.restore(abstract, latest), meta["history"]
+    return state, meta["history"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +319,7 @@ def _save_epoch(
     """best.msgpack (if improved), the orbax checkpoint, metrics.jsonl and the curves."""
     record = history[-1]
     if ckpts is not None:
+        ckpts.wait()  # the previous epoch's checkpoint: if its write failed, stop before more
         previous = [h["val_accuracy"] for h in history[:-1] if h["val_accuracy"] is not None]
         improved = record["val_accuracy"] is not None and record["val_accuracy"] > max(
             previous, default=-1.0

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from resnet_jax.checkpoint import Checkpoints
+from resnet_jax.errors import UserError
 from resnet_jax.optim import make_optimizer
 from resnet_jax.steps import TrainState
 
@@ -92,3 +97,58 @@ def test_a_partial_write_is_ignored_and_replaced(tmp_path):
     reopened.save(2, state, {"epoch": 2}, val_accuracy=0.4)
     reopened.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def two_epochs(folder) -> None:
+    """Epoch 1 (the best) and epoch 2 (the latest), both kept."""
+    ckpts = Checkpoints(folder)
+    for epoch, accuracy in ((1, 0.9), (2, 0.5)):
+        ckpts.save(epoch, small_state(), {"epoch": epoch}, val_accuracy=accuracy)
+    ckpts.close()
+
+
+def truncate_meta(folder) -> None:
+    (folder / "meta" / "metadata").write_text('{"epo')
+
+
+def truncate_arrays(folder) -> None:
+    for path in (folder / "state").rglob("d/*"):
+        os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", [truncate_meta, truncate_arrays])
+def test_a_damaged_checkpoint_names_its_folder_and_what_to_do(tmp_path, damage):
+    two_epochs(tmp_path)
+    damage(tmp_path / "2")
+    ckpts = Checkpoints(tmp_path)
+    with pytest.raises(UserError) as error:
+        ckpts.meta()
+        ckpts.restore(jax.eval_shape(small_state))
+    ckpts.close()
+    assert str(error.value) == (
+        f"The checkpoint {tmp_path / '2'} is damaged or unreadable; delete that folder to resume "
+        "from epoch 1, or start a new run with --overwrite."
+    )
+
+
+def test_a_failed_write_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, small_state(), {"epoch": 1}, val_accuracy=0.5)
+
+    async def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ckpts.wait()
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full)
+    with pytest.raises(UserError) as error:
+        ckpts.save(2, small_state(), {"epoch": 2}, val_accuracy=0.6)
+        ckpts.wait()  # the write is asynchronous: its failure shows here at the latest
+    ckpts.close()  # already reported: no second error
+    assert str(error.value) == (
+        f"Cannot write {tmp_path / '2'}: the disk is full; free some space and try again; "
+        "training stopped, and the last good checkpoint is epoch 1 (--resume continues from it)."
+    )
+    # Nothing half-written is left, and a resumed run starts from epoch 1.
+    reopened = Checkpoints(tmp_path)
+    assert os.listdir(tmp_path) == ["1"] and reopened.latest_epoch() == 1
+    reopened.close()

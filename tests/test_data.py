@@ -23,6 +23,7 @@ from PIL import Image
 from resnet_jax import sources, tfds_source
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
+from resnet_jax.transforms import BadImage, eval_transform_uint8
 
 
 def noise_image(seed: int, size: tuple[int, int] = (24, 20)) -> Image.Image:
@@ -342,6 +343,13 @@ def test_tfds_mock_data_gives_sources_and_batches(tmp_path, monkeypatch):
         loader = Loader(train, 4, train=True, image_size=16, workers=2)
         (batch,) = batches(loader)
         assert batch["image"].shape == (4, 16, 16, 3) and batch["mask"].all()
+
+
+def test_an_over_budget_tfds_record_is_named_in_the_message():
+    records = [{"image": np.zeros((1, 5000, 3), np.uint8), "label": 0}]
+    source = tfds_source.TfdsSource(records, ["a", "b"], "train[-10%:]")
+    with pytest.raises(BadImage, match=r"^train\[-10%:\]\[0\] is not a readable image"):
+        eval_transform_uint8(source.load(0), 224)
 
 
 def test_val_count_follows_the_seed():

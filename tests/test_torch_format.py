@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torchvision
 from torch_files import OldStorage, OldTensor, write_old_legacy
 
 from resnet_jax import torch_format
+from resnet_jax.convert import check_torch_shapes
 from resnet_jax.errors import UserError
 from resnet_jax.torch_format import LEGACY_MAGIC_NUMBER, load_torch_state_dict
 
@@ -321,6 +323,34 @@ def test_names_and_shapes_are_checked_before_tensors_are_read(tmp_path):
         with pytest.raises(UserError, match="refused by the check"):
             load_torch_state_dict(tmp_path / "w.pth", check=check)
     assert seen == [{"w": (4,)}] and not reads
+
+
+def write_safetensors_header(path: Path, header: dict, data_size: int) -> None:
+    """A .safetensors file with `header` and `data_size` bytes of (sparse, unwritten) zeros."""
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(8 + len(encoded) + data_size)
+
+
+def test_safetensors_names_are_checked_before_tensors_are_read(tmp_path):
+    # A name no ResNet has, over 256 MiB of data: only the header may be read.
+    entry = {"dtype": "F32", "shape": [1 << 26], "data_offsets": [0, 1 << 28]}
+    write_safetensors_header(tmp_path / "w.safetensors", {"junk": entry}, 1 << 28)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="'junk'"):
+            load_torch_state_dict(tmp_path / "w.safetensors", check=check_torch_shapes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_safetensors_header_longer_than_any_resnet_needs_is_refused(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b'{"w": {}}')
+    with pytest.raises(UserError, match=r"header of 1,099,511,627,776 bytes, more than"):
+        load_torch_state_dict(tmp_path / "w.safetensors")
 
 
 def test_unreadable_file_and_folder_are_one_line(tmp_path, monkeypatch):

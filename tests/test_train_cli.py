@@ -282,6 +282,56 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(reference, d
     assert all(np.isfinite(v).all() for v in best.values())
 
 
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a failed run, after checking that nothing else went wrong."""
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(reference, data, env, tmp_path):
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    latest = tmp_path / "checkpoints" / "2"
+    for path in (latest / "state").rglob("d/*"):  # the array data, cut in half
+        os.truncate(path, path.stat().st_size // 2)
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "3", "--output-dir", str(tmp_path)]
+    error = one_error_line(run_train([*args, "--resume"], env))
+    assert f"checkpoint {latest} is damaged" in error and "--overwrite" in error
+
+
+DISK_FULL = """
+import errno, sys
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+import train
+
+meta_writes = []
+
+async def disk_full_on_epoch_2(self, x, directory):
+    meta_writes.extend([directory] if self._filename == "metadata" else [])
+    if len(meta_writes) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    directory.joinpath(self._filename).write_text(__import__("json").dumps(x))
+
+JsonCheckpointHandler._save_fn = disk_full_on_epoch_2
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_stops_training_with_one_line(reference, data, env, tmp_path):
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "3", "--output-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, *args],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    error = one_error_line(result)
+    assert f"Cannot write {tmp_path / 'checkpoints' / '2'}: the disk is full" in error
+    assert "the last good checkpoint is epoch 1" in error
+    assert "[epoch 3]" not in result.stdout
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
 def test_synthetic_reports_images_per_second(env, tmp_path):
     args = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--epochs", "1",
             "--synthetic", "3", "--output-dir", str(tmp_path)]  # fmt: skip
