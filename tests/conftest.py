@@ -6,7 +6,11 @@ tests share. Each is a fixture of the same name (`def test_x(relative_error): ..
 
 from __future__ import annotations
 
+import pickle
+import struct
+import zipfile
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,7 @@ from flax import traverse_util
 
 from resnet_jax.convert import torch_to_flax
 from resnet_jax.models import ResNet
+from resnet_jax.torch_format import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +164,85 @@ def flax_step():
 def step_errors():
     """The relative error of every entry of two step results, by name."""
     return _step_errors
+
+
+# ---------------------------------------------------------------- hand-written .pth files
+
+
+class _OldStorage:
+    """A storage as torch 0.x pickled it: by persistent id, possibly as a view of another."""
+
+    def __init__(self, key, numel, view=None):
+        self.key, self.numel, self.view = key, numel, view
+
+
+class _OldTensor:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor, self.args  # the pre-0.4 rebuild function
+
+
+def _write_old_legacy(path: Path, obj, storages: dict[str, np.ndarray]) -> None:
+    """Write a pre-1.6 file by hand, the way torch 0.3 did (no _rebuild_tensor_v2)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, _OldStorage):
+                return ("storage", torch.FloatStorage, o.key, "cpu", o.numel, o.view)
+            return None
+
+    with open(path, "wb") as f:
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(sorted(storages), f, protocol=2)
+        f.writelines(struct.pack("<q", v.size) + v.tobytes() for _, v in sorted(storages.items()))
+
+
+def _write_zip(path: Path, pickled: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+
+
+def _write_legacy(path: Path, pickled: bytes, *, in_header: bool = False) -> None:
+    with open(path, "wb") as f:
+        if in_header:  # the payload replaces the magic number
+            f.write(pickled)
+            return
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        f.write(pickled)
+        pickle.dump([], f, protocol=2)
+
+
+@pytest.fixture(scope="session")
+def OldStorage():
+    """A storage as torch 0.x pickled it (by persistent id): OldStorage(key, numel, view=None)."""
+    return _OldStorage
+
+
+@pytest.fixture(scope="session")
+def OldTensor():
+    """A tensor record with the pre-0.4 rebuild function: OldTensor(storage, offset, size, stride, ...)."""
+    return _OldTensor
+
+
+@pytest.fixture(scope="session")
+def write_old_legacy():
+    """write_old_legacy(path, obj, storages): a pre-1.6 .pth written the way torch 0.3 did."""
+    return _write_old_legacy
+
+
+@pytest.fixture(scope="session")
+def write_zip():
+    """write_zip(path, pickled): a zip-format .pth around raw pickle bytes."""
+    return _write_zip
+
+
+@pytest.fixture(scope="session")
+def write_legacy():
+    """write_legacy(path, pickled, in_header=False): a legacy-format .pth around raw pickle bytes."""
+    return _write_legacy

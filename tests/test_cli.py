@@ -18,7 +18,6 @@ import torch
 import torchvision
 from flax import serialization
 from PIL import Image
-from torch_files import OldStorage, OldTensor, write_old_legacy
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_LIMIT = 4 << 30
@@ -58,7 +57,7 @@ def write_safetensors(path: Path, header: dict, data_size: int) -> None:
         f.truncate(8 + len(encoded) + data_size)
 
 
-def bad_weights(folder: Path) -> dict[str, Path]:
+def bad_weights(folder: Path, OldStorage, OldTensor, write_old_legacy) -> dict[str, Path]:
     """One file per class of bad weights file, each refused before it can use much memory."""
     files = {}
     cycle: dict = {}

@@ -18,7 +18,6 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
-from torch_files import OldStorage, OldTensor, write_old_legacy
 
 from resnet_jax import torch_format
 from resnet_jax.convert import check_torch_shapes
@@ -277,7 +276,9 @@ def test_wrapper_cycles_and_deep_nesting_are_refused(tmp_path, make, message, le
         load_torch_state_dict(tmp_path / "w.pth")
 
 
-def test_many_views_of_one_storage_are_bounded_in_total(tmp_path, monkeypatch):
+def test_many_views_of_one_storage_are_bounded_in_total(
+    tmp_path, monkeypatch, OldStorage, OldTensor, write_old_legacy
+):
     monkeypatch.setattr(torch_format, "MAX_TOTAL_ELEMENTS", 1000)
     storage = OldStorage("root", 100)
     obj = {f"w{i}": OldTensor(storage, 0, (100,), (1,)) for i in range(11)}
@@ -307,7 +308,9 @@ def test_compressed_member_is_never_inflated_whole(tmp_path, member, monkeypatch
         load_torch_state_dict(tmp_path / "bomb.pth")
 
 
-def test_names_and_shapes_are_checked_before_tensors_are_read(tmp_path):
+def test_names_and_shapes_are_checked_before_tensors_are_read(
+    tmp_path, OldStorage, OldTensor, write_old_legacy
+):
     obj = {"w": OldTensor(OldStorage("root", 4), 0, (4,), (1,))}
     write_old_legacy(tmp_path / "w.pth", obj, {"root": np.zeros(4, np.float32)})
     seen = []

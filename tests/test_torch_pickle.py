@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch_files import OldStorage, OldTensor, write_legacy, write_old_legacy, write_zip
 
 from resnet_jax import torch_pickle
 from resnet_jax.errors import UserError
 from resnet_jax.torch_format import load_torch_state_dict
 
 
-def test_old_rebuild_tensor_and_storage_views(tmp_path):
+def test_old_rebuild_tensor_and_storage_views(tmp_path, OldStorage, OldTensor, write_old_legacy):
     data = np.arange(10, dtype=np.float32)
     root = OldStorage("root", 10)
     view = OldStorage("root", 10, view=("view", 2, 5))  # elements 2..6 of root
@@ -30,7 +29,9 @@ def test_old_rebuild_tensor_and_storage_views(tmp_path):
     np.testing.assert_array_equal(loaded["part"], data[3:7].reshape(2, 2))
 
 
-def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
+def test_tensor_reaching_past_its_storage_is_refused(
+    tmp_path, OldStorage, OldTensor, write_old_legacy
+):
     obj = {"w": OldTensor(OldStorage("root", 4), 2, (3,), (1,))}
     write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
     with pytest.raises(UserError, match="damaged"):
@@ -58,7 +59,9 @@ def evil_payloads(marker: Path) -> dict[str, tuple[object, str]]:
 
 @pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "builtins.exec"])
 @pytest.mark.parametrize("container", ["zip", "legacy", "legacy_header"])
-def test_malicious_pickle_is_refused_and_never_run(tmp_path, payload, container):
+def test_malicious_pickle_is_refused_and_never_run(
+    tmp_path, payload, container, write_legacy, write_zip
+):
     marker = tmp_path / "pwned"
     evil, name_in_message = evil_payloads(marker)[payload]
     protocol = pickle.HIGHEST_PROTOCOL if container == "zip" else 2  # STACK_GLOBAL and GLOBAL
@@ -79,12 +82,11 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path, payload, container)
     assert not marker.exists()
 
 
-class TamperedTensor(OldTensor):
-    def __reduce__(self):  # a third item makes pickle run BUILD on the rebuilt tensor record
-        return torch._utils._rebuild_tensor_v2, self.args, {"stride": (-1,), "offset": 3}
+def test_pickle_cannot_rewrite_a_tensor_record(tmp_path, OldStorage, OldTensor, write_old_legacy):
+    class TamperedTensor(OldTensor):
+        def __reduce__(self):  # a third item makes pickle run BUILD on the rebuilt tensor record
+            return torch._utils._rebuild_tensor_v2, self.args, {"stride": (-1,), "offset": 3}
 
-
-def test_pickle_cannot_rewrite_a_tensor_record(tmp_path):
     obj = {"w": TamperedTensor(OldStorage("root", 4), 0, (4,), (1,), False, {})}
     write_old_legacy(tmp_path / "bad.pth", obj, {"root": np.zeros(4, np.float32)})
     with pytest.raises(UserError, match="damaged.*set the state"):
@@ -108,7 +110,7 @@ def test_whole_model_pickle_names_the_class(tmp_path):
     ids=["stride0", "declared_huge", "over_cap", "overlapping"],
 )
 def test_tensors_larger_than_their_bytes_are_refused_before_reading(
-    tmp_path, size, stride, storage_numel, message
+    tmp_path, size, stride, storage_numel, message, OldStorage, OldTensor, write_old_legacy
 ):
     # The storage really holds one element, so nothing large is ever read, even on failure.
     obj = {"w": OldTensor(OldStorage("root", storage_numel), 0, size, stride)}
@@ -127,7 +129,7 @@ def test_unsupported_dtypes_are_named(tmp_path, dtype, legacy):
     assert "never needs" not in str(error.value)
 
 
-def test_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path):
+def test_pickle_cannot_change_the_functions_it_is_allowed_to_call(tmp_path, write_zip):
     # GLOBAL _rebuild_tensor_v2, then BUILD with a state that sets attributes on it: as
     # (None, slot state), which pickle applies with setattr, or as a plain __dict__ update.
     for name, state in (("slots", (None, {"__qualname__": "hacked"})), ("dict", {"x": 1})):
