@@ -96,7 +96,7 @@ def bad_weights(folder: Path, OldStorage, OldTensor, write_old_legacy) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, OldStorage, OldTensor, write_old_legacy):
     folder = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=2)
@@ -117,7 +117,7 @@ def inputs(tmp_path_factory):
     data = (images / "a" / "0.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     env = dict(os.environ, JAX_PLATFORMS="cpu", RESNET_JAX_CACHE=str(folder / "cache"))
-    return folder, bad_weights(folder), env
+    return folder, bad_weights(folder, OldStorage, OldTensor, write_old_legacy), env
 
 
 @pytest.mark.slow
