@@ -383,13 +383,16 @@ def test_outputs_of_an_earlier_run_are_never_replaced_silently(reference, data, 
         (["--arch", "resnet34", "--weights", "WEIGHTS"], 1, "do not fit resnet34"),
         (["--batch-size", "3"], 2, "--batch-size 3 is not divisible by the 2 devices"),
         (["--coordinator-address", "127.0.0.1:1"], 1, "multi-process"),
+        (["--output-dir", "A_FILE"], 1, "is a file; choose a folder for the run's outputs"),
     ],
 )
 def test_user_errors_are_one_line(
     reference, data, tmp_path_factory, tmp_path, extra, devices, message
 ):
     env = train_env(tmp_path_factory.getbasetemp() / "jax_cache", devices=devices)
-    extra = [str(reference[0] / "best.msgpack") if a == "WEIGHTS" else a for a in extra]
+    (tmp_path / "a_file").write_text("")
+    stand_ins = {"WEIGHTS": str(reference[0] / "best.msgpack"), "A_FILE": str(tmp_path / "a_file")}
+    extra = [stand_ins.get(a, a) for a in extra]
     args = [*TINY_ARGS, "--data-dir", str(data), "--output-dir", str(tmp_path), *extra]
     result = run_train(args, env, timeout=120)
     assert result.returncode == 1
