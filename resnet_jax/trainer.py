@@ -1,7 +1,8 @@
 """The training run behind `train.py`: data, model, pretrained weights, the epoch loop, outputs.
 
 OUTPUT_DIR (default `runs/<arch>`) receives `checkpoints/` (orbax; latest and best epoch),
-`best.msgpack` (the variables with the best validation accuracy), `class_indices.json`,
+`best.msgpack` (the variables with the best validation accuracy, with the metadata `predict.py`
+needs to preprocess as validation did: `metadata.ModelMetadata`), `class_indices.json`,
 `metrics.jsonl` (one line per epoch) and `training_curve.png` (when matplotlib is installed).
 """
 
@@ -24,6 +25,7 @@ from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
 from resnet_jax.files import remove_stale_temporaries, write_error
+from resnet_jax.metadata import ModelMetadata
 from resnet_jax.models import ResNet, create_model, init_variables
 from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
@@ -112,7 +114,7 @@ def train(config: TrainConfig) -> TrainResult:
             if compile_s:
                 record["first_step_seconds"] = compile_s
             history.append(record)
-            _save_epoch(out, config, state, history, ckpts, data.classes)
+            _save_epoch(out, config, state, history, ckpts, data.classes, data.metadata())
             print_once(epoch_line(record))
     finally:
         if ckpts is not None:
@@ -181,6 +183,16 @@ class _TrainValBatches:
         self.train_loader = Loader(train, train=True, **common)
         self.val_loader = Loader(val, train=False, **common)
         self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
+
+    def metadata(self) -> ModelMetadata | None:
+        """What best.msgpack records: the classes, and the eval transform of `val`."""
+        if self.config.synthetic:
+            return None
+        c, loader = self.config, self.val_loader
+        return ModelMetadata(
+            c.arch, self.num_classes, tuple(self.classes), image_size=c.image_size,
+            resize_size=loader.resize_size, crop_size=loader.image_size,
+        )  # fmt: skip
 
     def train(self, epoch: int) -> Iterator:
         c = self.config
@@ -313,6 +325,7 @@ def _save_epoch(
     history: list[dict],
     ckpts: Checkpoints | None,
     classes: list[str] | None,
+    metadata: ModelMetadata | None = None,
 ) -> None:
     """best.msgpack (if improved), the orbax checkpoint, metrics.jsonl and the curves."""
     record = history[-1]
@@ -324,7 +337,7 @@ def _save_epoch(
         if improved and jax.process_index() == 0:
             # Before the checkpoint: a kill in between redoes this epoch and rewrites the file.
             best = {"params": state.params, "batch_stats": state.batch_stats}
-            save_variables(out / "best.msgpack", best)
+            save_variables(out / "best.msgpack", best, metadata)
         meta = {
             "config": {k: getattr(config, k) for k in (*RUN_KEYS, "epochs")},
             "history": history,

@@ -133,10 +133,10 @@ def test_agrees_with_torchvision_and_compiles_once(setup, predictor):
 
 
 def test_predict_arrays_matches_files(setup, predictor):
-    from resnet_jax.transforms import load_rgb, preprocess
+    from resnet_jax.transforms import eval_transform_uint8, load_rgb
 
     path = setup["images"][0]
-    probs = predictor.predict_arrays(preprocess(load_rgb(path))[None])
+    probs = predictor.predict_arrays(eval_transform_uint8(load_rgb(path))[None])
     assert probs.shape == (1, 5)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(probs[0], predictor.predict_files([path])[0].probs)
@@ -150,7 +150,7 @@ def test_bad_image_skipped_in_order(setup):
     paths = [good[0], broken, good[1], good[2]]
     predictions = small.predict_files(paths, batch_size=2, on_skip=skipped.append)
     assert [p.image for p in predictions] == [str(p) for p in good]
-    assert [s.path for s in skipped] == [broken]
+    assert [s.path for s in skipped] == [str(broken)]
     # Without on_skip, an unreadable image stops the run with a UserError naming it.
     with pytest.raises(UserError, match="broken.jpg"):
         small.predict_files(paths, batch_size=2)

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from resnet_jax.metadata import read_metadata
 from resnet_jax.sources import read_class_indices
 from resnet_jax.weights import load_variables
 
@@ -138,6 +139,26 @@ def test_run_writes_every_output(reference):
     assert variables["params"]["fc"]["kernel"].shape == (512, 3)
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(out / "checkpoints")) in (["1", "2"], ["2"])
+
+
+def test_predict_repeats_the_best_validation_exactly(reference, data, env):
+    """best.msgpack carries the 48 px eval transform and the classes: predict.py on the
+    validation folder scores the best val_accuracy exactly, without being told either."""
+    out = reference[0]
+    result = subprocess.run(
+        [sys.executable, "predict.py", str(data / "val"), "--weights", str(out / "best.msgpack"),
+         "--json", "--top-k", "1"],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert len(records) == 6
+    correct = [Path(r["image"]).parent.name == r["predictions"][0]["class"] for r in records]
+    best = max(m["val_accuracy"] for m in read_metrics(out))
+    assert sum(correct) / len(correct) == best
+    metadata = read_metadata(out / "best.msgpack")
+    assert (metadata.image_size, metadata.resize_size, metadata.crop_size) == (48, 55, 48)
+    assert metadata.classes == ("class0", "class1", "class2")
 
 
 @pytest.mark.parametrize("moment", ["during the first checkpoint write", "in epoch 2"])
