@@ -27,7 +27,7 @@ from resnet_jax.errors import UserError
 from resnet_jax.files import remove_stale_temporaries, write_error
 from resnet_jax.metadata import ModelMetadata
 from resnet_jax.models import ResNet, create_model, init_variables
-from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
+from resnet_jax.optim import frozen_stages, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
 from resnet_jax.reporting import epoch_line, print_once, progress_bar, write_metrics
 from resnet_jax.sources import write_class_indices
@@ -60,17 +60,19 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.output_dir)
     replaced = _check_output_dir(out, config)
     data = _TrainValBatches(config, dp)
+    frozen = frozen_stages(config.freeze, config.head)
     model = create_model(
         config.arch,
         num_classes=data.num_classes,
         dtype=DTYPES[config.dtype],
-        frozen_stages=FREEZE[config.freeze],
+        frozen_stages=frozen,
+        head=config.head,
     )
     total_steps = config.epochs * data.steps
     warmup_steps = round(config.warmup_epochs * data.steps)
     schedule = make_schedule(config.lr, config.schedule, warmup_steps, total_steps)
 
-    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, FREEZE[config.freeze])
+    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, frozen)
     make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
     if jax.process_index() == 0:
         _make_output_dir(out, replaced)
@@ -191,7 +193,7 @@ class _TrainValBatches:
         c, loader = self.config, self.val_loader
         return ModelMetadata(
             c.arch, self.num_classes, tuple(self.classes), image_size=c.image_size,
-            resize_size=loader.resize_size, crop_size=loader.image_size,
+            resize_size=loader.resize_size, crop_size=loader.image_size, head=c.head,
         )  # fmt: skip
 
     def train(self, epoch: int) -> Iterator:
