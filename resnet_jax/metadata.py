@@ -108,7 +108,8 @@ class ModelMetadata:
             "num_classes": not positive_int(self.num_classes),
             "classes": self.classes is not None
             and not (
-                len(self.classes) == self.num_classes
+                isinstance(self.classes, tuple)
+                and len(self.classes) == self.num_classes
                 and all(isinstance(c, str) for c in self.classes)
             ),
             "image_size": not positive_int(self.image_size),

@@ -88,6 +88,7 @@ def test_predictor_uses_the_metadata_unless_told_otherwise(variables, tmp_path):
         ({"image_size": "forty"}, "'image_size' is 'forty'"),
         ({"num_classes": "0"}, "'num_classes' is '0'"),
         ({"classes": '["a"]'}, "'classes'"),
+        ({"classes": '{"0": "a", "1": "b", "2": "c"}'}, "'classes'"),
         ({"std": "[0.2, 0.2, 0]"}, "'std'"),
         ({"arch": "resnet19"}, "'arch' is 'resnet19'"),
         ({"head": "prepend"}, "'head' is 'prepend'"),
