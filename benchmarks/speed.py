@@ -8,9 +8,9 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
 - train: images/s of one step (forward, backward, Adam, BatchNorm in train mode). Ours is the
   step train.py runs (`DataParallel.jit_train_step` on uint8 images normalised on the device);
   torchvision's is eager with torch.optim.Adam and cross-entropy, in NCHW and channels_last.
-- eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: jitted
-  softmax, result copied to the host) against torch under inference_mode, from the same float
-  input.
+- eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: uint8
+  images normalised on the device, jitted softmax, result copied to the host) against torch
+  under inference_mode from float input.
 - first step (s): a fresh process's first train step (trace, compile, run), with an empty and
   then a warm persistent compilation cache (the trainer's `enable_compilation_cache`).
 - peak RSS (MB): VmHWM of a fresh process that builds the model and runs 3
@@ -104,7 +104,7 @@ def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
 
 
 def jax_predict(arch: str, batch: int, size: int) -> Callable[[], object]:
-    """predict.py's path: `Predictor.predict_arrays` on preprocessed float32 NHWC images."""
+    """predict.py's path: `Predictor.predict_arrays` on eval-transformed uint8 NHWC images."""
     import jax
     import jax.numpy as jnp
 
@@ -115,8 +115,8 @@ def jax_predict(arch: str, batch: int, size: int) -> Callable[[], object]:
     variables = jax.jit(model.init, static_argnames="train")(
         jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
     )
-    predictor = Predictor(model, variables, [str(i) for i in range(1000)], image_size=size)
-    x = np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32)
+    predictor = Predictor(model, variables, [str(i) for i in range(1000)])
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     return lambda: predictor.predict_arrays(x)
 
 

@@ -20,6 +20,7 @@ _EXPORTS = {
          "wide_resnet50_2", "wide_resnet101_2"),
         "models",
     ),
+    **dict.fromkeys(("ModelMetadata", "read_metadata"), "metadata"),
     **dict.fromkeys(("ARCHITECTURES", "Architecture", "get_architecture"), "registry"),
     **dict.fromkeys(("load_variables", "save_variables"), "weights"),
 }  # fmt: skip
@@ -31,6 +32,7 @@ __all__ = [
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",
+    "ModelMetadata",
     "ResNet",
     "UserError",
     "check_variables",
@@ -41,6 +43,7 @@ __all__ = [
     "init_variables",
     "load_variables",
     "pooled_features",
+    "read_metadata",
     "resnet18",
     "resnet34",
     "resnet50",

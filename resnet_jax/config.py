@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from resnet_jax.errors import UserError, check_choice
-from resnet_jax.models import ARCHS, create_model
+from resnet_jax.models import ARCHS, HEADS, create_model
 from resnet_jax.optim import FREEZE, OPTIMIZERS, SCHEDULES
 
 __all__ = ["DTYPES", "RUN_KEYS", "TrainConfig", "option", "resolve"]
@@ -66,11 +66,20 @@ class TrainConfig:
         "one for the classes of the data (default: imagenet; none with --synthetic)",
         metavar="imagenet|none|PATH",
     )
+    head: str = option(
+        "replace",
+        "replace: a new fc for the classes of the data replaces the pretrained one; append: the "
+        "pretrained 1000-class fc stays whole and a new layer on its logits (torch name "
+        "head.weight/head.bias) gives the classes of the data",
+        choices=HEADS,
+        defines_run=True,
+    )
     freeze: str = option(
         "none",
-        "none: train everything; backbone: train only the new head (fc); layerK: freeze "
-        "the stem and layer1..layerK, train layer(K+1) on. Frozen parts get no update and no "
-        "weight decay, and their BatchNorm uses its running statistics",
+        "none: train everything; backbone: train only the new layer (fc, or with --head append "
+        "the appended one: the pretrained fc stays frozen too); layerK: freeze the stem and "
+        "layer1..layerK, train layer(K+1) on. Frozen parts get no update and no weight decay, "
+        "and their BatchNorm uses its running statistics",
         choices=FREEZE,
         defines_run=True,
     )

@@ -1,7 +1,8 @@
 """torchvision state dicts <-> Flax variables: a name rule, a layout rule, and validation.
 
 Names: `layer1.0.conv1.weight` <-> `params/layer1_0/conv1/kernel`; a shortcut's
-`downsample.0` / `downsample.1` <-> `downsample/conv` / `downsample/bn`.
+`downsample.0` / `downsample.1` <-> `downsample/conv` / `downsample/bn`; the Dense layer that
+`head="append"` adds after `fc` is `head.weight` / `head.bias` <-> `params/head/kernel` / `bias`.
 Layouts: conv OIHW <-> HWIO (grouped convs too), fc (out, in) <-> (in, out), BatchNorm
 weight/bias/running_mean/running_var <-> scale/bias/mean/var. `num_batches_tracked` is only
 used by torch when momentum=None, so it is dropped on the way in and written as 0 on the way out.
@@ -28,6 +29,7 @@ __all__ = [
     "detect_arch",
     "expected_shapes",
     "flax_to_torch",
+    "head_of",
     "num_classes_of",
     "resolve_arch",
     "torch_to_flax",
@@ -57,7 +59,7 @@ _TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
 def _flax_path(key: str, rank: int) -> tuple[str, ...]:
     """`layer1.0.downsample.1.running_var` -> ('batch_stats', 'layer1_0', 'downsample', 'bn', 'var')."""
     *modules, leaf = key.split(".")
-    if (leaf, rank) not in _LEAVES or not re.fullmatch(r"conv1|bn1|fc|layer\d+", modules[0]):
+    if (leaf, rank) not in _LEAVES or not re.fullmatch(r"conv1|bn1|fc|head|layer\d+", modules[0]):
         raise UserError(f"Checkpoint key '{key}' is not part of a torchvision ResNet.")
     path: list[str] = []
     for part in modules:
@@ -162,15 +164,25 @@ def detect_arch(state_dict: dict[str, Any]) -> str:
     return found.name
 
 
+def head_of(variables: Variables) -> str:
+    """The head layout (`models.HEADS`): "append" for weights with a Dense `head` after `fc`."""
+    return "append" if "head" in variables.get("params", {}) else "replace"
+
+
 def num_classes_of(variables: Variables) -> int | None:
-    """The size of the classification head, or None for weights without one."""
-    fc = variables.get("params", {}).get("fc")
-    return None if fc is None else int(np.shape(fc["bias"])[0])
+    """The number of outputs (of `head` where appended, else of `fc`), or None without fc."""
+    params = variables.get("params", {})
+    last = params.get("head", params.get("fc"))
+    return None if last is None else int(np.shape(last["bias"])[0])
 
 
-def expected_shapes(arch: str, num_classes: int | None = 1000) -> dict[tuple[str, ...], tuple]:
-    """Flattened variable path -> shape for `arch` (no head when `num_classes` is None)."""
-    model = create_model(arch, num_classes=num_classes or 1, include_top=num_classes is not None)
+def expected_shapes(
+    arch: str, num_classes: int | None = 1000, head: str = "replace"
+) -> dict[tuple[str, ...], tuple]:
+    """Flattened variable path -> shape for `arch` (no fc when `num_classes` is None)."""
+    model = create_model(
+        arch, num_classes=num_classes or 1, include_top=num_classes is not None, head=head
+    )
     shapes = jax.eval_shape(lambda: init_variables(model))
     return {path: tuple(v.shape) for path, v in flatten_dict(dict(shapes)).items()}
 
@@ -182,7 +194,7 @@ def check_variables(variables: Variables, arch: str, num_classes: int | None = N
     """
     if num_classes is None:
         num_classes = num_classes_of(variables)
-    want = expected_shapes(arch, num_classes)
+    want = expected_shapes(arch, num_classes, head_of(variables))
     have = {p: tuple(np.shape(v)) for p, v in flatten_dict(dict(variables)).items()}
 
     def name(path: tuple[str, ...], shape: tuple) -> str:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from resnet_jax.errors import UserError
 from resnet_jax.sources import Source, open_image_folder
-from resnet_jax.transforms import BadImage, eval_transform_uint8, random_resized_crop_flip
+from resnet_jax.transforms import (
+    BadImage,
+    eval_size,
+    eval_transform_uint8,
+    random_resized_crop_flip,
+)
 
 __all__ = ["Loader", "default_workers", "open_datasets"]
 
@@ -65,7 +70,12 @@ def default_workers() -> int:
 
 
 class Loader:
-    """Batches of uint8 NHWC images for one process, decoded by a thread pool."""
+    """Batches of uint8 NHWC images for one process, decoded by a thread pool.
+
+    With `train=False` it makes the validation batches and `inference.Predictor`'s batches
+    alike: `eval_transform_uint8(image, image_size, resize_size)`, normalised on the device by
+    `steps.eval_logits`. `on_skip` gets each unreadable image (default: a logged warning).
+    """
 
     def __init__(
         self,
@@ -79,6 +89,8 @@ class Loader:
         process_index: int = 0,
         process_count: int = 1,
         prefetch: int = 2,
+        resize_size: int | None = None,
+        on_skip: Callable[[BadImage], None] | None = None,
     ) -> None:
         if batch_size < 1 or batch_size % process_count:
             raise UserError(
@@ -102,6 +114,9 @@ class Loader:
         self.process_index = process_index
         self.prefetch = max(1, prefetch)
         self.skipped = 0
+        # The eval resize before the centre crop (default: in ImageNet's 256/224 proportion).
+        self.resize_size = eval_size(image_size) if resize_size is None else resize_size
+        self.on_skip = on_skip
 
     def __len__(self) -> int:
         if self.train:
@@ -121,17 +136,19 @@ class Loader:
             order = np.concatenate([np.arange(n), np.full(size - n, -1)])
         return order.reshape(len(self), self.batch_size)
 
-    def _fill(self, out: dict[str, np.ndarray], row: int, index: int, epoch: int) -> str | None:
-        """Decode and transform example `index` into `out[...][row]`; the message if it is bad."""
+    def _fill(
+        self, out: dict[str, np.ndarray], row: int, index: int, epoch: int
+    ) -> BadImage | None:
+        """Decode and transform example `index` into `out[...][row]`; the error if it is bad."""
         try:
             image, label = self.source.example(int(index))
             if self.train:
                 rng = np.random.default_rng((self.seed, epoch, _AUGMENT_STREAM, int(index)))
                 out["image"][row] = random_resized_crop_flip(image, self.image_size, rng)
             else:
-                out["image"][row] = eval_transform_uint8(image, self.image_size)
+                out["image"][row] = eval_transform_uint8(image, self.image_size, self.resize_size)
         except BadImage as e:
-            return str(e)
+            return e
         out["label"][row], out["mask"][row] = label, True
         return None
 
@@ -168,9 +185,12 @@ class Loader:
                     pending.append(self._submit(pool, rows[k + len(pending)], epoch))
                 out, futures = pending.pop(0)
                 for future in futures:
-                    if (message := future.result()) is not None:
+                    if (error := future.result()) is not None:
                         self.skipped += 1
-                        log.warning("Skipped an unreadable image: %s", message)
+                        if self.on_skip is not None:
+                            self.on_skip(error)
+                        else:
+                            log.warning("Skipped an unreadable image: %s", error)
                 yield out
         finally:
             # Runs when the epoch ends and when the consumer stops early (generator closed). A
@@ -178,7 +198,7 @@ class Loader:
             # down; concurrent.futures has stopped its threads by then, so there is nothing to do.
             if not is_finalizing():
                 pool.shutdown(wait=True, cancel_futures=True)
-        if self.skipped:
+        if self.skipped and self.on_skip is None:
             log.warning(
                 "%d unreadable image(s) skipped in epoch %d; see the warnings above.",
                 self.skipped,

@@ -1,16 +1,18 @@
 """Prediction: weights file -> model, images -> class probabilities (shown by predict_output).
 
-`Predictor.load` reads a `.msgpack`, `.safetensors` or `.pth`, finds the architecture from the
-tensor shapes and the class names next to the weights. `Predictor.predict_files` runs fixed-size
-jitted batches (the last one padded), so XLA compiles the model once per run.
+`Predictor.load` reads a `.msgpack`, `.safetensors` or `.pth`, finds the architecture (and head
+layout) from the tensors, and takes the eval transform and class names from the file's metadata
+(see `metadata.py`), so a trained model predicts exactly as it was validated. Its batches are
+made as the validation batches are (`data.Loader(train=False)` and `steps.eval_logits`), in one
+size (the last one padded), so XLA compiles the model once per run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,12 +22,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from resnet_jax import transforms
-from resnet_jax.convert import num_classes_of, resolve_arch
-from resnet_jax.data import default_workers
+from resnet_jax.convert import head_of, num_classes_of, resolve_arch
+from resnet_jax.data import Loader
 from resnet_jax.errors import UserError
-from resnet_jax.models import ResNet, create_model
-from resnet_jax.sources import IMAGE_EXTENSIONS, find_image_files, read_class_indices
+from resnet_jax.metadata import ModelMetadata, check_metadata, read_metadata
+from resnet_jax.models import ResNet
+from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
+from resnet_jax.sources import (
+    IMAGE_EXTENSIONS,
+    ImageFolderSource,
+    find_image_files,
+    read_class_indices,
+)
+from resnet_jax.steps import eval_logits
+from resnet_jax.transforms import BadImage, eval_size
 
 __all__ = ["Prediction", "Predictor", "find_images", "imagenet_classes", "load_class_names"]
 
@@ -98,20 +108,29 @@ def load_class_names(
 
 
 class Predictor:
-    """A model with its variables and class names, and a jitted softmax over its logits."""
+    """A model with its variables, class names and eval transform, and a jitted softmax."""
 
     def __init__(
-        self, model: ResNet, variables: dict, classes: Sequence[str], image_size: int = 224
+        self,
+        model: ResNet,
+        variables: dict,
+        classes: Sequence[str],
+        transform: EvalTransform = IMAGENET_EVAL,
     ) -> None:
         self.model = model
         self.variables = jax.device_put(
             {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         )
         self.classes = list(classes)
-        self.image_size = image_size
+        self.transform = transform
         self._forward = jax.jit(
-            lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1)
+            lambda v, x: jax.nn.softmax(eval_logits(model.apply, v, x, transform), axis=-1)
         )
+
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images the model sees: the eval crop."""
+        return self.transform.crop_size
 
     @classmethod
     def load(
@@ -119,9 +138,12 @@ class Predictor:
         weights: str | os.PathLike,
         arch: str | None = None,
         class_indices: str | os.PathLike | None = None,
-        image_size: int = 224,
+        image_size: int | None = None,
     ) -> Predictor:
-        """Read a weights file; `arch` (default: detected from the shapes) is checked against it."""
+        """Read a weights file and its metadata: the eval transform and classes it was validated
+        with. Without metadata (.pth, older files): the architecture's ImageNet eval transform.
+        `image_size` overrides the crop (the resize keeps its proportion); `arch` (default:
+        detected from the shapes) is checked against the weights."""
         from resnet_jax.weights import load_variables  # safetensors/msgpack only when needed
 
         variables = load_variables(weights)
@@ -134,78 +156,67 @@ class Predictor:
                 f"{weights} holds weights that are not finite (NaN or infinity); use the "
                 "weights of a run that trained without diverging."
             )
-        classes = load_class_names(num_classes, weights, class_indices)
-        return cls(create_model(arch, num_classes=num_classes), variables, classes, image_size)
+        head = head_of(variables)
+        metadata = read_metadata(weights)
+        if metadata is None:
+            metadata = ModelMetadata.default(arch, num_classes, head)
+        else:
+            check_metadata(metadata, arch, num_classes, head, weights)
+        transform = metadata.transform
+        if image_size is not None:
+            if image_size < 1:
+                raise UserError(f"--image-size must be at least 1, not {image_size}.")
+            resize = eval_size(image_size, transform)
+            transform = dataclasses.replace(transform, crop_size=image_size, resize_size=resize)
+        if class_indices is None and metadata.classes is not None:
+            classes = list(metadata.classes)
+        else:
+            classes = load_class_names(num_classes, weights, class_indices)
+        return cls(metadata.create_model(), variables, classes, transform)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Preprocessed NHWC float32 images -> (N, num_classes) probabilities, in one call."""
+        """Eval-transformed uint8 NHWC images (`transforms.eval_transform_uint8`) ->
+        (N, num_classes) probabilities, in one call."""
         return np.asarray(self._forward(self.variables, images))
 
     def predict_files(
         self,
         paths: Sequence[str | os.PathLike],
         batch_size: int = 32,
-        on_skip: Callable[[transforms.BadImage], None] | None = None,
+        on_skip: Callable[[BadImage], None] | None = None,
         progress: bool | None = None,
     ) -> list[Prediction]:
         """Predict each readable image in `paths`, in order; `on_skip` gets each unreadable one
         (default: raise). Batches have one size, min(batch_size, len(paths)): one compilation."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, not {batch_size}.")
-        size = min(batch_size, len(paths))
-        shape = (size, self.image_size, self.image_size, 3)
+        if not paths:
+            return []
+        source = ImageFolderSource([(os.fspath(p), 0) for p in paths], classes=[])
+        loader = Loader(
+            source, min(batch_size, len(paths)), train=False, image_size=self.transform.crop_size,
+            resize_size=self.transform.resize_size, on_skip=on_skip or _raise,
+        )  # fmt: skip
         results: list[Prediction] = []
-        pending: tuple[list[str], Any] | None = None
+        pending: tuple[list[str], Any, np.ndarray] | None = None
 
         def collect() -> None:
-            names, probs = pending
-            results.extend(Prediction(n, p) for n, p in zip(names, np.asarray(probs)))
+            names, probs, mask = pending
+            results.extend(Prediction(n, p) for n, p in zip(names, np.asarray(probs)[mask]))
 
         show = len(paths) >= PROGRESS_THRESHOLD if progress is None else progress
         with tqdm(total=len(paths), disable=not show, unit="img", file=sys.stderr) as bar:
-            for names, batch in self._batches(paths, size, on_skip, bar):
-                n = len(names)
-                if n < size:  # pad the last batch: the same shape, no new compilation
-                    batch = np.concatenate([batch, np.zeros((size - n, *shape[1:]), np.float32)])
-                probs = self._forward(self.variables, batch)[:n]  # asynchronous dispatch
+            for rows, batch in zip(loader.indices(0), loader.epoch(0)):
+                mask = batch["mask"]
+                probs = self._forward(self.variables, batch["image"])  # asynchronous dispatch
                 if pending is not None:
                     collect()  # the previous batch, while this one runs
-                pending = (names, probs)
+                pending = ([source.name(i) for i in rows[mask]], probs, mask)
+                bar.update(int(np.sum(rows >= 0)))
             if pending is not None:
                 collect()
         return results
 
-    def _batches(
-        self,
-        paths: Sequence[str | os.PathLike],
-        size: int,
-        on_skip: Callable[[transforms.BadImage], None] | None,
-        bar: tqdm,
-    ) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(names, stacked images) of at most `size` readable images, decoded by a thread pool."""
 
-        def load(path: str | os.PathLike) -> np.ndarray | transforms.BadImage:
-            try:
-                return transforms.preprocess(transforms.load_rgb(path), self.image_size)
-            except transforms.BadImage as e:
-                return e
-
-        names: list[str] = []
-        arrays: list[np.ndarray] = []
-        with ThreadPoolExecutor(max_workers=default_workers()) as pool:
-            for start in range(0, len(paths), size):
-                chunk = paths[start : start + size]
-                for path, image in zip(chunk, pool.map(load, chunk)):
-                    if isinstance(image, transforms.BadImage):
-                        if on_skip is None:
-                            raise image
-                        on_skip(image)
-                    else:
-                        names.append(os.fspath(path))
-                        arrays.append(image)
-                    if len(names) == size:
-                        yield names, np.stack(arrays)
-                        names, arrays = [], []
-                bar.update(len(chunk))
-        if names:
-            yield names, np.stack(arrays)
+def _raise(error: BadImage) -> None:
+    raise error

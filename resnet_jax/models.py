@@ -21,7 +21,10 @@ from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise
 from resnet_jax.registry import ARCHITECTURES, get_architecture
 
 __all__ = [
+    "APPENDED_FC_CLASSES",
     "ARCHS",
+    "FC_STAGE",
+    "HEADS",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",
@@ -46,6 +49,15 @@ __all__ = [
 
 ModuleDef = Any
 Dtype = Any
+
+# How the classifier sits on the pooled features (`ResNet.head`), the two transfer modes.
+HEADS = {
+    "replace": "fc maps the pooled features to num_classes",
+    "append": "the pretrained 1000-class fc stays whole; a new Dense `head` maps its logits to "
+    "num_classes",
+}
+APPENDED_FC_CLASSES = 1000  # with head="append", fc is the ImageNet classifier
+FC_STAGE = 5  # `frozen_stages=FC_STAGE` also freezes fc (only an appended head then trains)
 
 
 def storage_dtype(dtype: Dtype) -> jnp.dtype:
@@ -229,9 +241,11 @@ class Bottleneck(ResidualBlock):
 class ResNet(nn.Module):
     """The ResNet/ResNeXt trunk: stem, four stages (`layer1`..`layer4`), pooling and `fc`.
 
-    `frozen_stages` (-1: none, 0: the stem, k: the stem and layer1..layerk) makes those parts
-    use their running BatchNorm statistics even when `train=True` and stops gradients at their
-    output, as transfer learning with a frozen backbone wants.
+    `head` (see `HEADS`): "replace", `fc` has `num_classes` outputs; "append", `fc` keeps
+    `APPENDED_FC_CLASSES` and a Dense `head` on its logits has `num_classes`.
+    `frozen_stages` (-1: none, 0: the stem, k: the stem and layer1..layerk, `FC_STAGE`: fc too)
+    makes those parts use their running BatchNorm statistics even when `train=True` and stops
+    gradients at their output, as transfer learning with a frozen backbone wants.
     """
 
     block: type[ResidualBlock]
@@ -243,6 +257,7 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     frozen_stages: int = -1
     dtype: Dtype = jnp.float32
+    head: str = "replace"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -283,16 +298,20 @@ class ResNet(nn.Module):
 
         if not self.include_top:
             return x
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}.")
         x = jnp.mean(x, axis=(1, 2))
-        init = torch_linear_init(x.shape[-1])
-        x = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            param_dtype=storage_dtype(self.dtype),
-            kernel_init=init,
-            bias_init=init,
-            name="fc",
-        )(x)
+
+        def dense(x: jax.Array, features: int, name: str) -> jax.Array:
+            init = torch_linear_init(x.shape[-1])
+            return nn.Dense(features, dtype=self.dtype, param_dtype=storage_dtype(self.dtype),
+                            kernel_init=init, bias_init=init, name=name)(x)  # fmt: skip
+
+        if self.head == "append":
+            x = end_of_stage(dense(x, APPENDED_FC_CLASSES, "fc"), FC_STAGE)
+            x = dense(x, self.num_classes, "head")
+        else:
+            x = dense(x, self.num_classes, "fc")
         return x.astype(storage_dtype(self.dtype))
 
 

@@ -13,10 +13,11 @@ import optax
 from flax import traverse_util
 
 from resnet_jax.errors import check_choice
+from resnet_jax.models import FC_STAGE
 
 __all__ = [
-    "FREEZE", "OPTIMIZERS", "SCHEDULES", "make_optimizer", "make_schedule", "param_labels",
-    "stage_of",
+    "FREEZE", "OPTIMIZERS", "SCHEDULES", "frozen_stages", "make_optimizer", "make_schedule",
+    "param_labels", "stage_of",
 ]  # fmt: skip
 
 # --freeze -> ResNet.frozen_stages: "layerK" freezes the stem and layer1..layerK.
@@ -41,13 +42,21 @@ SCHEDULES: dict[str, Callable[[float, int, int], optax.Schedule]] = {
 }
 
 
+def frozen_stages(freeze: str, head: str = "replace") -> int:
+    """`ResNet.frozen_stages` for `--freeze`; with `--head append`, "backbone" freezes the
+    pretrained fc too, so that only the appended layer trains."""
+    check_choice("freeze", freeze, FREEZE)
+    return FC_STAGE if (freeze, head) == ("backbone", "append") else FREEZE[freeze]
+
+
 def stage_of(module: str) -> int:
-    """The stage a top-level module belongs to: 0 stem, 1-4 layer1-layer4, 5 the head."""
+    """The stage a top-level module belongs to: 0 stem, 1-4 layer1-layer4, 5 fc, 6 an
+    appended head."""
     if module in ("conv1", "bn1"):
         return 0
     if module.startswith("layer"):
         return int(module[len("layer")])
-    return 5
+    return FC_STAGE if module == "fc" else FC_STAGE + 1
 
 
 def param_labels(params: Any, frozen_stages: int) -> Any:

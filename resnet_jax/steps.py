@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.transforms import normalize
 
 __all__ = [
-    "Batch", "Totals", "TrainState", "create_state", "cross_entropy", "eval_step", "train_step",
-    "zero_totals",
+    "Batch", "Totals", "TrainState", "create_state", "cross_entropy", "eval_logits", "eval_step",
+    "train_step", "zero_totals",
 ]  # fmt: skip
 
 Batch = dict[str, jax.Array]
@@ -84,8 +85,17 @@ def train_step(
     return state, _accumulate(totals, losses, logits, batch)
 
 
+def eval_logits(
+    apply_fn: Callable, variables: Any, images: jax.Array, transform: EvalTransform = IMAGENET_EVAL
+) -> jax.Array:
+    """Logits of eval-transformed uint8 images (`data.Loader(train=False)`'s batches),
+    normalised here with the transform's mean and std. Validation (`eval_step`) and prediction
+    (`inference.Predictor`) both call this, so they cannot drift apart."""
+    return apply_fn(variables, normalize(images, transform.mean, transform.std), train=False)
+
+
 def eval_step(state: TrainState, batch: Batch, totals: Totals) -> Totals:
     """Add a batch's plain cross-entropy and correct predictions to the running totals."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = state.apply_fn(variables, normalize(batch["image"]), train=False)
+    logits = eval_logits(state.apply_fn, variables, batch["image"])
     return _accumulate(totals, cross_entropy(logits, batch["label"]), logits, batch)

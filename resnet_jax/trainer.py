@@ -1,7 +1,8 @@
 """The training run behind `train.py`: data, model, pretrained weights, the epoch loop, outputs.
 
 OUTPUT_DIR (default `runs/<arch>`) receives `checkpoints/` (orbax; latest and best epoch),
-`best.msgpack` (the variables with the best validation accuracy), `class_indices.json`,
+`best.msgpack` (the variables with the best validation accuracy, with the metadata `predict.py`
+needs to preprocess as validation did: `metadata.ModelMetadata`), `class_indices.json`,
 `metrics.jsonl` (one line per epoch) and `training_curve.png` (when matplotlib is installed).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.checkpoint import Checkpoints
@@ -24,8 +26,9 @@ from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
 from resnet_jax.files import remove_stale_temporaries, write_error
+from resnet_jax.metadata import ModelMetadata
 from resnet_jax.models import ResNet, create_model, init_variables
-from resnet_jax.optim import FREEZE, make_optimizer, make_schedule
+from resnet_jax.optim import frozen_stages, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
 from resnet_jax.reporting import epoch_line, print_once, progress_bar, write_metrics
 from resnet_jax.sources import write_class_indices
@@ -57,18 +60,23 @@ def train(config: TrainConfig) -> TrainResult:
     dp.check_batch_size(config.batch_size)
     out = Path(config.output_dir)
     replaced = _check_output_dir(out, config)
+    if jax.process_count() > 1:
+        # Every process looks at the folder before process 0 writes into it.
+        multihost_utils.sync_global_devices("resnet_jax: output folder checked")
     data = _TrainValBatches(config, dp)
+    frozen = frozen_stages(config.freeze, config.head)
     model = create_model(
         config.arch,
         num_classes=data.num_classes,
         dtype=DTYPES[config.dtype],
-        frozen_stages=FREEZE[config.freeze],
+        frozen_stages=frozen,
+        head=config.head,
     )
     total_steps = config.epochs * data.steps
     warmup_steps = round(config.warmup_epochs * data.steps)
     schedule = make_schedule(config.lr, config.schedule, warmup_steps, total_steps)
 
-    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, FREEZE[config.freeze])
+    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, frozen)
     make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
     if jax.process_index() == 0:
         _make_output_dir(out, replaced)
@@ -113,7 +121,7 @@ def train(config: TrainConfig) -> TrainResult:
             if compile_s:
                 record["first_step_seconds"] = compile_s
             history.append(record)
-            _save_epoch(out, config, state, history, ckpts, data.classes)
+            _save_epoch(out, config, state, history, ckpts, data.classes, data.metadata())
             print_once(epoch_line(record))
     finally:
         if ckpts is not None:
@@ -182,6 +190,16 @@ class _TrainValBatches:
         self.train_loader = Loader(train, train=True, **common)
         self.val_loader = Loader(val, train=False, **common)
         self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
+
+    def metadata(self) -> ModelMetadata | None:
+        """What best.msgpack records: the classes, and the eval transform of `val`."""
+        if self.config.synthetic:
+            return None
+        c, loader = self.config, self.val_loader
+        return ModelMetadata(
+            c.arch, self.num_classes, tuple(self.classes), image_size=c.image_size,
+            resize_size=loader.resize_size, crop_size=loader.image_size, head=c.head,
+        )  # fmt: skip
 
     def train(self, epoch: int) -> Iterator:
         c = self.config
@@ -315,6 +333,7 @@ def _save_epoch(
     history: list[dict],
     ckpts: Checkpoints | None,
     classes: list[str] | None,
+    metadata: ModelMetadata | None = None,
 ) -> None:
     """best.msgpack (if improved), the orbax checkpoint, metrics.jsonl and the curves."""
     record = history[-1]
@@ -327,7 +346,7 @@ def _save_epoch(
         if improved and jax.process_index() == 0:
             # Before the checkpoint: a kill in between redoes this epoch and rewrites the file.
             best = {"params": state.params, "batch_stats": state.batch_stats}
-            save_variables(out / "best.msgpack", best)
+            save_variables(out / "best.msgpack", best, metadata)
         meta = {
             "config": {k: getattr(config, k) for k in (*RUN_KEYS, "epochs")},
             "history": history,

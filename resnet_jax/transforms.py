@@ -6,6 +6,7 @@ eval pipeline gives bit-identical uint8 pixels and float32 inputs equal to torch
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -40,16 +41,18 @@ MAX_ASPECT_RATIO = 50
 MAX_RESIZED_PIXELS = 50_000_000
 
 
-def _normalize_table() -> np.ndarray:
-    """torchvision's float32 ToTensor + Normalize result for every uint8 value: shape (256, 3)."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)  # Normalize casts to the tensor's dtype
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    return (np.arange(256, dtype=np.float32)[:, None] / 255 - mean) / std
-
-
 # uint8 has only 256 values, so normalising is a lookup. Unlike `x / 255` this stays exact inside
 # jax.jit, where XLA rewrites division by a constant as a multiplication by its reciprocal.
-_NORMALIZE_TABLE = _normalize_table()
+@functools.cache
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """torchvision's float32 ToTensor + Normalize result for every uint8 value: shape (256, 3)."""
+    mean_ = np.asarray(mean, dtype=np.float32)  # Normalize casts to the tensor's dtype
+    std_ = np.asarray(std, dtype=np.float32)
+    table = (np.arange(256, dtype=np.float32)[:, None] / 255 - mean_) / std_
+    table.flags.writeable = False  # shared by every call
+    return table
+
+
 _CHANNELS = np.arange(3)
 
 
@@ -124,14 +127,18 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarray:
-    """`Resize(eval_size) + CenterCrop(image_size)` on a PIL image -> HWC uint8 RGB array.
+def eval_transform_uint8(
+    image: Image.Image, image_size: int = 224, resize_size: int | None = None
+) -> np.ndarray:
+    """`Resize(resize_size) + CenterCrop(image_size)` on a PIL image -> HWC uint8 RGB array;
+    `resize_size` defaults to `eval_size(image_size)` (256 for 224).
 
     Raises BadImage for an image whose resized copy would exceed the pixel budget.
     """
     name = getattr(image, "filename", "") or "an in-memory image"
     _check_proportions(image.width, image.height, name)
-    new_h, new_w = resized_shorter_side(image.height, image.width, eval_size(image_size))
+    resize_size = eval_size(image_size) if resize_size is None else resize_size
+    new_h, new_w = resized_shorter_side(image.height, image.width, resize_size)
     if new_h * new_w > MAX_RESIZED_PIXELS:
         reason = f"resizing it to {new_w}x{new_h} would exceed {MAX_RESIZED_PIXELS:,} pixels"
         raise BadImage(name, reason)
@@ -142,18 +149,24 @@ def eval_transform_uint8(image: Image.Image, image_size: int = 224) -> np.ndarra
     return np.array(center_crop(np.asarray(image), image_size))  # a writable copy
 
 
-def normalize(x: Any) -> Any:
-    """uint8 HWC/NHWC (NumPy or JAX, also inside jit) -> float32, bit-equal to ToTensor+Normalize."""
+def normalize(
+    x: Any,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> Any:
+    """uint8 HWC/NHWC (NumPy or JAX, also inside jit) -> float32, bit-equal to ToTensor +
+    Normalize(mean, std)."""
     if x.dtype != np.uint8 or x.shape[-1] != 3:
         raise TypeError(
             f"normalize expects uint8 images with 3 channels last, got {x.dtype} "
             f"with shape {tuple(x.shape)}."
         )
+    table = _normalize_table(tuple(map(float, mean)), tuple(map(float, std)))
     if isinstance(x, np.ndarray):
-        return _NORMALIZE_TABLE[x, _CHANNELS]
+        return table[x, _CHANNELS]
     import jax.numpy as jnp  # only for JAX input, so data-loading processes never import JAX
 
-    return jnp.asarray(_NORMALIZE_TABLE)[x, _CHANNELS]
+    return jnp.asarray(table)[x, _CHANNELS]
 
 
 def preprocess(image: Image.Image, image_size: int = 224) -> np.ndarray:

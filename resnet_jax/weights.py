@@ -2,6 +2,7 @@
 
 `.msgpack` keeps the Flax tree as is; `.safetensors` is written with torchvision's names and
 layouts, so `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(p))` works.
+Both can carry a `metadata.ModelMetadata` (classes, eval transform, head layout).
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from flax.core import unfreeze
 from tqdm import tqdm
 
 from resnet_jax.cache import default_cache_dir
-from resnet_jax.convert import check_torch_shapes, flax_to_torch, resolve_arch, torch_to_flax
+from resnet_jax.convert import (
+    check_torch_shapes,
+    flax_to_torch,
+    head_of,
+    num_classes_of,
+    resolve_arch,
+    torch_to_flax,
+)
 from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
+from resnet_jax.metadata import METADATA_KEY, ModelMetadata, check_metadata, read_metadata
 from resnet_jax.registry import ARCHITECTURES, get_architecture, sha256_prefix
 from resnet_jax.torch_format import load_torch_state_dict
 
@@ -43,18 +52,26 @@ DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
 
 
-def save_variables(path: str | os.PathLike, variables: Any) -> None:
-    """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision names)."""
+def save_variables(
+    path: str | os.PathLike, variables: Any, metadata: ModelMetadata | None = None
+) -> None:
+    """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision
+    names), with `metadata` if given (see `metadata.py` for where each format keeps it)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    table = {} if metadata is None else metadata.to_strings()
     if suffix == ".msgpack":
-        data = serialization.msgpack_serialize(jax.device_get(unfreeze(variables)))
+        tree = jax.device_get(unfreeze(variables))  # a copy, so in_place below is safe
+        if table:
+            tree = {METADATA_KEY: table, **tree}
+        # in_place keeps the metadata first (a copy would sort the keys), so it reads quickly.
+        data = serialization.msgpack_serialize(tree, in_place=True)
     elif suffix == ".safetensors":
         from safetensors.numpy import save
 
         # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them shape [1]).
         tensors = {k: np.require(v, requirements="C") for k, v in flax_to_torch(variables).items()}
-        data = save(tensors, metadata={"format": "pt"})
+        data = save(tensors, metadata={"format": "pt", **table})
     else:
         raise UserError(f"Cannot save weights as {path}: use a .msgpack or .safetensors file name.")
     with atomic_write(path, "wb") as f:
@@ -202,7 +219,8 @@ def pretrained_path(
 def convert_file(
     src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None
 ) -> tuple[str, int]:
-    """Convert a weights file (.pth/.safetensors/.msgpack -> .msgpack/.safetensors), checking it.
+    """Convert a weights file (.pth/.safetensors/.msgpack -> .msgpack/.safetensors), checking it;
+    its metadata, if any, goes along.
 
     Returns the architecture and the number of parameters; `arch` makes a mismatch an error.
     """
@@ -210,5 +228,8 @@ def convert_file(
         raise UserError(f"Source and destination are the same file ({src}); choose another name.")
     variables = load_variables(src)
     arch = resolve_arch(variables, arch)
-    save_variables(dst, variables)
+    metadata = read_metadata(src)
+    if metadata is not None:
+        check_metadata(metadata, arch, num_classes_of(variables), head_of(variables), src)
+    save_variables(dst, variables, metadata)
     return arch, sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))

@@ -44,3 +44,7 @@ def test_choices_come_from_the_registries():
         parse_args(["--optimizer", "lamb"])
     with pytest.raises(UserError, match="Unknown --freeze 'layer9'; choose one of: none, layer1"):
         resolve(TrainConfig(freeze="layer9"))  # the library checks what the parser would
+    assert parse_args(["--head", "append"]).head == "append" and TrainConfig().head == "replace"
+    assert "head" in RUN_KEYS
+    with pytest.raises(UserError, match="Unknown --head 'prepend'; choose one of: replace, append"):
+        resolve(TrainConfig(head="prepend"))

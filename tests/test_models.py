@@ -21,6 +21,7 @@ from resnet_jax import (
     resnet50,
 )
 from resnet_jax.convert import torch_to_flax
+from resnet_jax.models import FC_STAGE
 
 
 def count(tree) -> int:
@@ -132,6 +133,29 @@ def test_frozen_stages_use_running_stats_and_stop_gradients():
         np.array_equal, upd["batch_stats"]["layer3_0"], v["batch_stats"]["layer3_0"]
     )
     assert not jax.tree.all(changed)
+
+
+def test_appended_head_maps_the_fc_logits_and_trains_alone_when_fc_is_frozen():
+    model = resnet18(num_classes=3, head="append", frozen_stages=FC_STAGE)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    v = model.init(jax.random.key(1), x)
+    params = v["params"]
+    assert params["fc"]["kernel"].shape == (512, 1000)
+    assert params["head"]["kernel"].shape == (1000, 3)
+    imagenet = jnp.dot(pooled_features(model, v, x), params["fc"]["kernel"]) + params["fc"]["bias"]
+    want = jnp.dot(imagenet, params["head"]["kernel"]) + params["head"]["bias"]
+    np.testing.assert_allclose(model.apply(v, x), want, rtol=1e-5, atol=1e-5)
+
+    def loss(params):
+        out, upd = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+        return out.sum(), upd
+
+    grads, upd = jax.grad(loss, has_aux=True)(params)
+    trained = {k for k, g in grads.items() if any(np.any(leaf != 0) for leaf in jax.tree.leaves(g))}
+    assert trained == {"head"}
+    assert jax.tree.all(jax.tree.map(np.array_equal, upd["batch_stats"], v["batch_stats"]))
+    with pytest.raises(ValueError, match="head must be one of replace, append"):
+        resnet18(head="prepend").init(jax.random.key(0), x)
 
 
 def test_batch_statistics_stay_exact_when_the_mean_dwarfs_the_spread():

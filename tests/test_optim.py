@@ -64,5 +64,11 @@ def test_param_labels_follow_freeze():
     labels = optim.param_labels(params, optim.FREEZE["layer2"])
     frozen = {name for name, leaf in labels.items() if leaf["kernel"] == "frozen"}
     assert frozen == {"conv1", "bn1", "layer1_0", "layer2_1"}
-    labels = optim.param_labels(params, optim.FREEZE["backbone"])
+    labels = optim.param_labels(params, optim.frozen_stages("backbone"))
     assert {n for n, leaf in labels.items() if leaf["kernel"] == "trained"} == {"fc"}
+    # --head append --freeze backbone: the pretrained fc is frozen too, the appended head trains.
+    labels = optim.param_labels(
+        {**params, "head": {"kernel": 0}}, optim.frozen_stages("backbone", "append")
+    )
+    assert {n for n, leaf in labels.items() if leaf["kernel"] == "trained"} == {"head"}
+    assert optim.frozen_stages("layer2", "append") == optim.FREEZE["layer2"]

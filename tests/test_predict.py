@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from safetensors.torch import load_file
 from torchvision import transforms as T
 
 from resnet_jax import inference, predict_output
@@ -22,7 +23,7 @@ from resnet_jax.cli.predict import EXIT_SKIPPED
 from resnet_jax.convert import torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.inference import Prediction, Predictor
-from resnet_jax.weights import save_variables
+from resnet_jax.weights import convert_file, save_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -132,11 +133,35 @@ def test_agrees_with_torchvision_and_compiles_once(setup, predictor):
     assert predictor._forward._cache_size() == 1
 
 
+def test_appended_head_is_found_from_torch_names_and_agrees_with_torch(setup, tmp_path):
+    """torchvision's resnet18 followed by a Linear(1000, 5), saved with the extra layer as
+    `head.weight` / `head.bias`: the head layout comes from the names, in every format."""
+    model = _torch_resnet18(1000, seed=3)
+    torch.manual_seed(4)
+    head = torch.nn.Linear(1000, len(CLASSES))
+    state = {**model.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    torch.save(state, tmp_path / "appended.pth")
+    convert_file(tmp_path / "appended.pth", tmp_path / "appended.safetensors")
+    assert {"fc.weight", "head.weight", "head.bias"} <= set(
+        load_file(tmp_path / "appended.safetensors")
+    )
+    loaded = torchvision.models.resnet18().load_state_dict(
+        load_file(tmp_path / "appended.safetensors"), strict=False
+    )
+    assert sorted(loaded.unexpected_keys) == ["head.bias", "head.weight"]
+    assert not loaded.missing_keys
+    predictor = Predictor.load(tmp_path / "appended.safetensors")
+    assert predictor.model.head == "append" and predictor.model.num_classes == len(CLASSES)
+    ours = np.stack([p.probs for p in predictor.predict_files(setup["images"])])
+    want = _torch_probs(torch.nn.Sequential(model, head).eval(), setup["images"])
+    np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
+
+
 def test_predict_arrays_matches_files(setup, predictor):
-    from resnet_jax.transforms import load_rgb, preprocess
+    from resnet_jax.transforms import eval_transform_uint8, load_rgb
 
     path = setup["images"][0]
-    probs = predictor.predict_arrays(preprocess(load_rgb(path))[None])
+    probs = predictor.predict_arrays(eval_transform_uint8(load_rgb(path))[None])
     assert probs.shape == (1, 5)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(probs[0], predictor.predict_files([path])[0].probs)
@@ -150,7 +175,7 @@ def test_bad_image_skipped_in_order(setup):
     paths = [good[0], broken, good[1], good[2]]
     predictions = small.predict_files(paths, batch_size=2, on_skip=skipped.append)
     assert [p.image for p in predictions] == [str(p) for p in good]
-    assert [s.path for s in skipped] == [broken]
+    assert [s.path for s in skipped] == [str(broken)]
     # Without on_skip, an unreadable image stops the run with a UserError naming it.
     with pytest.raises(UserError, match="broken.jpg"):
         small.predict_files(paths, batch_size=2)

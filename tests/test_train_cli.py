@@ -18,7 +18,10 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from resnet_jax.metadata import read_metadata
+from resnet_jax.models import create_model
 from resnet_jax.sources import read_class_indices
+from resnet_jax.transfer import initial_variables
 from resnet_jax.weights import load_variables
 
 pytestmark = pytest.mark.slow  # every test runs train.py in subprocesses
@@ -112,8 +115,12 @@ def assert_same_epoch(got: tuple, expected: tuple) -> None:
     np.testing.assert_allclose(got[2], expected[2], rtol=1e-2)
 
 
+def flat(variables) -> dict:
+    return traverse_util.flatten_dict(variables, sep="/")
+
+
 def flat_variables(path) -> dict:
-    return traverse_util.flatten_dict(load_variables(path), sep="/")
+    return flat(load_variables(path))
 
 
 def test_run_writes_every_output(reference):
@@ -138,6 +145,26 @@ def test_run_writes_every_output(reference):
     assert variables["params"]["fc"]["kernel"].shape == (512, 3)
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(out / "checkpoints")) in (["1", "2"], ["2"])
+
+
+def test_predict_repeats_the_best_validation_exactly(reference, data, env):
+    """best.msgpack carries the 48 px eval transform and the classes: predict.py on the
+    validation folder scores the best val_accuracy exactly, without being told either."""
+    out = reference[0]
+    result = subprocess.run(
+        [sys.executable, "predict.py", str(data / "val"), "--weights", str(out / "best.msgpack"),
+         "--json", "--top-k", "1"],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert len(records) == 6
+    correct = [Path(r["image"]).parent.name == r["predictions"][0]["class"] for r in records]
+    best = max(m["val_accuracy"] for m in read_metrics(out))
+    assert sum(correct) / len(correct) == best
+    metadata = read_metadata(out / "best.msgpack")
+    assert (metadata.image_size, metadata.resize_size, metadata.crop_size) == (48, 55, 48)
+    assert metadata.classes == ("class0", "class1", "class2")
 
 
 @pytest.mark.parametrize("moment", ["during the first checkpoint write", "in epoch 2"])
@@ -192,6 +219,38 @@ def test_torchvision_pth_with_frozen_backbone(data, env, tmp_path):
     for key, value in start.items():
         if not key.startswith("params/fc/"):
             np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_head_append_with_frozen_backbone_trains_only_the_new_layer(data, env, tmp_path):
+    """--head append --freeze backbone: the pretrained network, fc included, stays
+    bit-identical; only the appended head trains, and predict.py knows the layout."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    pth = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), pth)
+    start = flat_variables(pth)
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(out),
+            "--weights", str(pth), "--head", "append", "--freeze", "backbone", "--lr", "0.1"]  # fmt: skip
+    result = run_train(args, env)
+    assert result.returncode == 0, result.stderr
+    assert "its 1000-class fc kept, a new 3-class head appended" in result.stdout
+    after = flat_variables(out / "best.msgpack")
+    assert after.keys() - start.keys() == {"params/head/kernel", "params/head/bias"}
+    for key, value in start.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+    model = create_model("resnet18", num_classes=3, head="append")
+    initial = flat(initial_variables(model, "resnet18", str(pth), seed=0)[0])
+    assert not np.array_equal(after["params/head/kernel"], initial["params/head/kernel"])
+    assert read_metadata(out / "best.msgpack").head == "append"
+    predicted = subprocess.run(
+        [sys.executable, "predict.py", str(data / "val"), "--weights", str(out / "best.msgpack")],
+        check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.count("class: class0") == 6
 
 
 def test_two_devices_give_the_losses_of_one(reference, data, tmp_path_factory, tmp_path):

@@ -26,7 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help=".msgpack from train.py/convert_weights.py, or .pth/.safetensors",
     )
-    add("--class-indices", help="class names (default: class_indices.json beside the weights)")
+    add(
+        "--class-indices",
+        help="class names (default: those in the weights' metadata, else class_indices.json "
+        "beside the weights)",
+    )
     add("--arch", help="architecture, e.g. resnet50 (default: from the weights)")
     add(
         "--top-k", type=int, help="show the k most probable classes (default: all up to 10, else 5)"
@@ -36,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--save-plot", metavar="FILE", help="write that figure to FILE (.png, .pdf)")
     add("--output", metavar="FILE", help="also write the results to FILE.csv or FILE.json")
     add("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    add(
+        "--image-size",
+        type=int,
+        metavar="PIXELS",
+        help="crop size; the resize keeps its proportion (default: the size the weights were "
+        "trained and validated at, from their metadata; else the architecture's ImageNet one)",
+    )
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -57,7 +68,7 @@ def predict(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
 
     enable_compilation_cache()  # a second run with the same batch shape skips compilation
-    predictor = Predictor.load(args.weights, args.arch, args.class_indices)
+    predictor = Predictor.load(args.weights, args.arch, args.class_indices, args.image_size)
     skipped: list[BadImage] = []
 
     def on_skip(error: BadImage) -> None:

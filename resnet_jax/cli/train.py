@@ -27,6 +27,7 @@ a second start skips compilation; JAX_COMPILATION_CACHE_DIR moves it ('' turns i
 examples:
   python train.py --arch resnet34                       # the original: tf_flowers, ImageNet weights
   python train.py --arch resnet50 --data-dir ~/pets --freeze backbone --epochs 5
+  python train.py --arch resnet50 --data-dir ~/pets --head append --freeze backbone
   python train.py --arch resnet18 --weights none --optimizer sgd --lr 0.1 --schedule cosine
   python train.py --arch resnet50 --synthetic 20 --batch-size 256 --dtype bfloat16
 """
