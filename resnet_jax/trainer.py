@@ -234,10 +234,12 @@ def _start(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
     )
     meta = ckpts.meta(latest)
+    # A run saved before an option existed ran with that option's default.
+    saved = {**{k: getattr(TrainConfig(), k) for k in RUN_KEYS}, **meta["config"]}
     changed = [
-        f"--{k.replace('_', '-')} {meta['config'].get(k)} (now {getattr(config, k)})"
+        f"--{k.replace('_', '-')} {saved[k]} (now {getattr(config, k)})"
         for k in RUN_KEYS
-        if meta["config"].get(k) != getattr(config, k)
+        if saved[k] != getattr(config, k)
     ]
     if config.schedule == "cosine" and meta["config"].get("epochs") != config.epochs:
         was = meta["config"].get("epochs")
