@@ -13,17 +13,14 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 
-def installed_dir(distribution: str, suffix: str) -> Path | None:
-    """The directory holding the file of `distribution` whose path ends with `suffix`."""
+def installed_file(distribution: str, suffix: str) -> Path | None:
+    """The file of an installed `distribution` whose path ends with `suffix`, if any."""
     try:
         files = importlib.metadata.distribution(distribution).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    for f in files:
-        if f.as_posix().endswith(suffix):
-            path = Path(f.locate()).resolve()
-            return path.parents[suffix.count("/")]
-    return None
+    found = (f for f in files if f.as_posix().endswith(suffix))
+    return next((Path(f.locate()).resolve() for f in found), None)
 
 
 def onednn_extension() -> list[Extension]:
@@ -31,15 +28,15 @@ def onednn_extension() -> list[Extension]:
         import jax.ffi
     except ImportError:
         return []
-    include = installed_dir("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
-    lib = installed_dir("onednn-cpu-gomp", "lib/libdnnl.so.3")
-    if include is None or lib is None:
+    header = installed_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp")
+    library = installed_file("onednn-cpu-gomp", "/libdnnl.so.3")
+    if header is None or library is None:
         return []
     extension = Extension(
         "resnet_jax._onednn_conv",
         ["csrc/onednn_conv.cc"],
-        include_dirs=[jax.ffi.include_dir(), str(include / "include")],
-        library_dirs=[str(lib / "lib")],
+        include_dirs=[jax.ffi.include_dir(), str(header.parents[2])],
+        library_dirs=[str(library.parent)],
         libraries=["dnnl"],
         # XLA's FFI headers trip these two warnings in g++ 12; they are not ours.
         extra_compile_args=["-std=c++17", "-O2", "-Wno-return-type", "-Wno-attributes"],

@@ -51,6 +51,7 @@ struct Geometry {
 struct Plan {
   dnnl::primitive conv;
   memory::desc kernel_desc;  // the layout the convolution reads or writes its kernel in
+  memory::desc scratchpad;   // per-execution workspace, ours so that threads can share `conv`
   std::unique_ptr<dnnl::reorder> kernel_reorder;  // HWIO -> kernel_desc, or back for gradients
 };
 
@@ -81,12 +82,20 @@ memory::desc AnyKernel(const Geometry& g) {
   return memory::desc(dims, memory::data_type::f32, tag::any);
 }
 
+// A primitive's scratchpad in the library's keeping is shared by all threads that execute it;
+// in ours, each thread brings its own (Workspace below).
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   const memory::dims strides{g.stride, g.stride}, pad{g.padding, g.padding};
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       Activations(g.n, g.h, g.w, g.c), AnyKernel(g), Activations(g.n, g.ho(), g.wo(), g.o),
-      strides, pad, pad);
+      strides, pad, pad, UserScratchpad());
 }
 
 std::unique_ptr<dnnl::reorder> ReorderIfNeeded(const memory::desc& from, const memory::desc& to) {
@@ -103,20 +112,23 @@ Plan MakePlan(Pass pass, const Geometry& g) {
   if (pass == Pass::kForward) {
     plan.conv = dnnl::convolution_forward(forward);
     plan.kernel_desc = forward.weights_desc();
+    plan.scratchpad = forward.scratchpad_desc();
     plan.kernel_reorder = ReorderIfNeeded(Hwio(g), plan.kernel_desc);
   } else if (pass == Pass::kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, x, AnyKernel(g), y, strides, pad, pad,
-        forward);
+        forward, UserScratchpad());
     plan.conv = dnnl::convolution_backward_data(pd);
     plan.kernel_desc = pd.weights_desc();
+    plan.scratchpad = pd.scratchpad_desc();
     plan.kernel_reorder = ReorderIfNeeded(Hwio(g), plan.kernel_desc);
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, x, AnyKernel(g), y, strides, pad, pad,
-        forward);
+        forward, UserScratchpad());
     plan.conv = dnnl::convolution_backward_weights(pd);
     plan.kernel_desc = pd.diff_weights_desc();
+    plan.scratchpad = pd.scratchpad_desc();
     plan.kernel_reorder = ReorderIfNeeded(plan.kernel_desc, Hwio(g));
   }
   return plan;
@@ -157,14 +169,18 @@ void RunSlice(Pass pass, const Geometry& g, float* x, void* kernel, float* y, in
   memory xs(Activations(g.n, g.h, g.w, g.c), Engine(), x);
   memory ys(Activations(g.n, g.ho(), g.wo(), g.o), Engine(), y);
   memory ks(plan.kernel_desc, Engine(), kernel);
+  thread_local std::vector<char> workspace;
+  if (workspace.size() < plan.scratchpad.get_size()) workspace.resize(plan.scratchpad.get_size());
+  memory scratch(plan.scratchpad, Engine(), workspace.data());
   if (pass == Pass::kForward) {
-    plan.conv.execute(stream, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ks}, {DNNL_ARG_DST, ys}});
+    plan.conv.execute(stream, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, ks}, {DNNL_ARG_DST, ys},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
   } else if (pass == Pass::kInputGrad) {
     plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, xs}, {DNNL_ARG_WEIGHTS, ks},
-                               {DNNL_ARG_DIFF_DST, ys}});
+                               {DNNL_ARG_DIFF_DST, ys}, {DNNL_ARG_SCRATCHPAD, scratch}});
   } else {
     plan.conv.execute(stream, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_DIFF_WEIGHTS, ks},
-                               {DNNL_ARG_DIFF_DST, ys}});
+                               {DNNL_ARG_DIFF_DST, ys}, {DNNL_ARG_SCRATCHPAD, scratch}});
   }
   stream.wait();
 }

@@ -16,13 +16,15 @@ needs_extension = pytest.mark.skipif(
 
 # (input NHWC, kernel size, output channels, stride, padding, groups)
 CASES = {
-    "dense": ((2, 9, 9, 8), 3, 16, 1, 1, 1),
+    # Batches of 4 and 6 run as slices on two threads (on two or more cores), 3 as one.
+    "dense": ((4, 9, 9, 8), 3, 16, 1, 1, 1),
+    "odd batch": ((3, 9, 9, 8), 3, 16, 1, 1, 1),
     "strided": ((2, 9, 10, 8), 3, 16, 2, 1, 1),
     "no padding": ((1, 8, 7, 4), 3, 5, 1, 0, 1),
     "stem 7x7": ((2, 17, 17, 3), 7, 8, 2, 3, 1),
     "1x1": ((2, 6, 5, 16), 1, 24, 1, 0, 1),
     "1x1 strided": ((2, 7, 7, 16), 1, 24, 2, 0, 1),
-    "grouped": ((2, 8, 8, 32), 3, 32, 1, 1, 8),
+    "grouped": ((6, 8, 8, 32), 3, 32, 1, 1, 8),
     "grouped strided": ((1, 9, 9, 64), 3, 64, 2, 1, 32),
     "smaller than window": ((2, 2, 2, 8), 3, 8, 1, 1, 1),
 }
