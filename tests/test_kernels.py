@@ -16,7 +16,6 @@ needs_extension = pytest.mark.skipif(
 
 # (input NHWC, kernel size, output channels, stride, padding, groups)
 CASES = {
-    # Batches of 4 and 6 run as slices on two threads (on two or more cores), 3 as one.
     "dense": ((4, 9, 9, 8), 3, 16, 1, 1, 1),
     "odd batch": ((3, 9, 9, 8), 3, 16, 1, 1, 1),
     "strided": ((2, 9, 10, 8), 3, 16, 2, 1, 1),
