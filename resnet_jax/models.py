@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax import kernels
 from resnet_jax.ops import conv2d, grouped_conv, max_pool, patch_conv, pointwise_conv
 from resnet_jax.registry import ARCHITECTURES, get_architecture
 
@@ -95,6 +96,13 @@ class Conv(nn.Module):
         shape = (k, k, x.shape[-1] // self.groups, self.features)
         kernel = self.param("kernel", conv_init, shape, storage_dtype(self.dtype))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if kernels.use_onednn(x.dtype):  # on CPU; elsewhere the fallback
+            return kernels.conv(x, kernel, s, p, self.groups, fallback=self._xla_conv)
+        return self._xla_conv(x, kernel)
+
+    def _xla_conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """XLA's own convolution, steered around XLA:CPU's slow paths (see ops.py)."""
+        k, s, p = self.kernel_size, self.strides, self.padding
         if k == 1 and self.groups == 1:
             # A 1x1 convolution is a matrix product over channels. Written as one, XLA:CPU
             # computes its weight gradient as a plain matmul instead of a slow transposed

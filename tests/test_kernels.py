@@ -1,0 +1,93 @@
+"""The oneDNN convolution extension against XLA's convolution, and the path switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from torch_reference import relative_error
+
+from resnet_jax import UserError, kernels
+from resnet_jax.models import create_model
+from resnet_jax.ops import conv2d
+
+needs_extension = pytest.mark.skipif(
+    not kernels.available(), reason="the oneDNN extension is not built"
+)
+
+# (input NHWC, kernel size, output channels, stride, padding, groups)
+CASES = {
+    "dense": ((4, 9, 9, 8), 3, 16, 1, 1, 1),
+    "odd batch": ((3, 9, 9, 8), 3, 16, 1, 1, 1),
+    "strided": ((2, 9, 10, 8), 3, 16, 2, 1, 1),
+    "no padding": ((1, 8, 7, 4), 3, 5, 1, 0, 1),
+    "stem 7x7": ((2, 17, 17, 3), 7, 8, 2, 3, 1),
+    "1x1": ((2, 6, 5, 16), 1, 24, 1, 0, 1),
+    "1x1 strided": ((2, 7, 7, 16), 1, 24, 2, 0, 1),
+    "grouped": ((6, 8, 8, 32), 3, 32, 1, 1, 8),
+    "grouped strided": ((1, 9, 9, 64), 3, 64, 2, 1, 32),
+    "smaller than window": ((2, 2, 2, 8), 3, 8, 1, 1, 1),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_equal_xla(case):
+    shape, k, out, stride, padding, groups = CASES[case]
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(*shape), jnp.float32)
+    w = jnp.asarray(rng.randn(k, k, shape[-1] // groups, out), jnp.float32)
+
+    def ours(x, w):
+        return kernels.onednn_conv(x, w, stride, padding, groups)
+
+    def xla(x, w):
+        return conv2d(x, w, stride, padding, groups)
+
+    y, ours_vjp = jax.vjp(jax.jit(ours), x, w)
+    want, xla_vjp = jax.vjp(xla, x, w)
+    assert y.shape == want.shape
+    assert relative_error(y, want) < 1e-6
+    dy = jnp.asarray(rng.randn(*want.shape), jnp.float32)
+    for got, expected in zip(ours_vjp(dy), xla_vjp(dy)):
+        assert got.shape == expected.shape
+        assert relative_error(got, expected) < 1e-6
+
+
+@needs_extension
+def test_models_are_the_same_on_both_paths(monkeypatch):
+    model = create_model("resnet18", num_classes=10)
+    x = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss_and_grads(path):
+        monkeypatch.setenv(kernels.ENV, path)
+
+        def loss(params):
+            # Eval mode: train-mode BatchNorm over 2x1x1 maps would magnify rounding.
+            return jnp.sum(model.apply({**variables, "params": params}, x, train=False) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+    (l_xla, g_xla), (l_dnnl, g_dnnl) = loss_and_grads("xla"), loss_and_grads("onednn")
+    assert relative_error(l_dnnl, l_xla) < 1e-5
+    for got, want in zip(jax.tree.leaves(g_dnnl), jax.tree.leaves(g_xla)):
+        assert relative_error(got, want) < 1e-4
+
+
+def test_only_float32_goes_to_onednn(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "xla")
+    assert not kernels.use_onednn(jnp.float32)
+    monkeypatch.delenv(kernels.ENV)
+    assert kernels.use_onednn(jnp.float32) == kernels.available()
+    assert not kernels.use_onednn(jnp.float64)
+    assert not kernels.use_onednn(jnp.bfloat16)
+
+
+def test_a_forced_path_that_cannot_run_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "cudnn")
+    with pytest.raises(UserError, match="RESNET_JAX_CONV='cudnn' is not a convolution path"):
+        kernels.conv_path()
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    monkeypatch.setattr(kernels, "_load", lambda: "the oneDNN extension is not built")
+    with pytest.raises(UserError, match="not built: reinstall"):
+        kernels.conv_path()
