@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_reference import relative_error
 
 from resnet_jax import UserError, kernels
 from resnet_jax.models import create_model
@@ -31,7 +30,7 @@ CASES = {
 
 @needs_extension
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_equal_xla(case):
+def test_forward_and_gradients_equal_xla(case, relative_error):
     shape, k, out, stride, padding, groups = CASES[case]
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(*shape), jnp.float32)
@@ -54,7 +53,7 @@ def test_forward_and_gradients_equal_xla(case):
 
 
 @needs_extension
-def test_models_are_the_same_on_both_paths(monkeypatch):
+def test_models_are_the_same_on_both_paths(monkeypatch, relative_error):
     model = create_model("resnet18", num_classes=10)
     x = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3), jnp.float32)
     variables = model.init(jax.random.key(0), x, train=False)
