@@ -59,11 +59,13 @@ def train_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
 
 
 def run_train(
-    args: list[str], env: dict[str, str], timeout: float = 300
+    args: list[str], env: dict[str, str], timeout: float = 300, script: str | None = None
 ) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` in the repository root; output captured as text."""
+    """`python train.py ARGS` in the repository root (or `python -c SCRIPT ARGS`, a script that
+    patches something and then runs train.py's main); output captured as text."""
+    program = ["train.py"] if script is None else ["-c", script]
     return subprocess.run(
-        [sys.executable, "train.py", *args],
+        [sys.executable, *program, *args],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -326,10 +328,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(reference, data, env, tmp_path):
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "-c", POISON, *args],
-        check=False, cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_train(args, env, script=POISON)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
@@ -380,10 +379,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_a_full_disk_stops_training_with_one_line(reference, data, env, tmp_path):
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "3", "--output-dir", str(tmp_path)]
-    result = subprocess.run(
-        [sys.executable, "-c", DISK_FULL, *args],
-        check=False, cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_train(args, env, script=DISK_FULL)
     error = one_error_line(result)
     assert f"Cannot write {tmp_path / 'checkpoints' / '2'}: the disk is full" in error
     assert "the last good checkpoint is epoch 1" in error
