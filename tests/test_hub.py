@@ -25,6 +25,8 @@ from resnet_jax import hub
 from resnet_jax.convert import torch_to_flax
 from resnet_jax.errors import UserError
 from resnet_jax.metadata import read_metadata
+from resnet_jax.models import create_model
+from resnet_jax.transfer import initial_variables
 from resnet_jax.weights import convert_file, load_variables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +143,7 @@ def free_port() -> int:
 
 
 def test_weights_and_config_transform_then_offline_from_the_cache(
-    fake_hub, resnet18_files, monkeypatch
+    fake_hub, resnet18_files, monkeypatch, capfd
 ):
     data, state = resnet18_files
     fake_hub.files[REPO] = {"model.safetensors": data, "config.json": TV2_JSON}
@@ -154,6 +156,7 @@ def test_weights_and_config_transform_then_offline_from_the_cache(
     assert any(
         r.startswith(f"GET /{REPO}/resolve/main/model.safetensors") for r in fake_hub.requests
     )
+    assert capfd.readouterr().err == ""  # no bar for a small file when stderr is not a terminal
 
     fake_hub.files.clear()  # the hub now knows nothing: only the cache can answer
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -187,6 +190,18 @@ def test_convert_carries_the_config_transform_and_checks_arch(fake_hub, resnet18
         convert_file(f"hf:{REPO}", tmp_path / "r18.msgpack", arch="resnet34")
     assert convert_file(f"hf:{REPO}", tmp_path / "r18.msgpack")[0] == "resnet18"
     assert read_metadata(tmp_path / "r18.msgpack").resize_size == 232
+
+
+def test_train_starts_from_hub_weights_with_a_new_head(fake_hub, resnet18_files):
+    fake_hub.files[REPO] = {"model.safetensors": resnet18_files[0], "config.json": TV2_JSON}
+    model = create_model("resnet18", num_classes=5)
+    variables, message = initial_variables(model, "resnet18", f"hf:{REPO}", seed=0)
+    assert (
+        message == "Loaded resnet18.tv2_in1k; its 1000-class head replaced by a new 5-class head."
+    )
+    want = torch_to_flax(resnet18_files[1])["params"]["layer4_1"]["conv2"]["kernel"]
+    assert np.array_equal(variables["params"]["layer4_1"]["conv2"]["kernel"], want)
+    assert variables["params"]["fc"]["bias"].shape == (5,)
 
 
 @pytest.mark.parametrize(
