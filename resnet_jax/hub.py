@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import http.client
 import inspect
 import json
@@ -48,7 +49,9 @@ PROBE_TIMEOUT_S = 10
 LARGE_DOWNLOAD_BYTES = 64 << 20  # a bar is shown for these even when stderr is a log file
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _TRUE = {"1", "on", "yes", "true"}
+_CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 _PROBED: dict[str, str | None] = {}  # endpoint -> why it was unreachable, None if it answered
+_WARNED: set[tuple[HubRef, str]] = set()  # (ref, file) that was missing offline, said once
 
 
 def show_download_progress(total: int | None) -> bool:
@@ -163,7 +166,14 @@ def _download(ref: HubRef, filename: str, required: bool = True) -> Path | None:
         cached = huggingface_hub.try_to_load_from_cache(
             ref.repo, filename, cache_dir=kwargs["cache_dir"], revision=ref.revision
         )
-        if cached is not None and not isinstance(cached, str):  # the hub said it has none
+        if cached is None and (ref, filename) not in _WARNED:  # cached by another program?
+            _WARNED.add((ref, filename))
+            print(
+                f"warning: {filename} of {ref} is not in the Hugging Face cache and the hub "
+                "cannot be asked; the architecture's ImageNet eval transform is used.",
+                file=sys.stderr,
+            )
+        if not isinstance(cached, str):  # not cached, or the hub said it has none
             return None
     instead = f"download {WEIGHTS_FILE} from the repository and pass --weights PATH"
     try:
@@ -205,12 +215,12 @@ def _download(ref: HubRef, filename: str, required: bool = True) -> Path | None:
             f"The Hugging Face hub refused {filename} of {ref} ({_reason(e)}); try again later, "
             f"or {instead}."
         ) from None
-    except OSError as e:  # not the network: the cache folder
-        raise UserError(
-            f"Cannot write {filename} of {ref} to the Hugging Face cache ({e.strerror or e}); set "
-            "HF_HOME to a writable folder."
-        ) from None
-    except Exception as e:  # a dropped connection mid-download, or anything else of the hub's
+    except Exception as e:  # the cache folder, a dropped connection mid-download, ...
+        if isinstance(e, OSError) and e.errno in _CACHE_ERRNOS:
+            raise UserError(
+                f"Cannot write {filename} of {ref} to the Hugging Face cache ({e.strerror}); set "
+                "HF_HOME to a writable folder with space."
+            ) from e
         raise UserError(
             f"Downloading {filename} of {ref} failed ({_reason(e)}); try again, or {instead}."
         ) from e

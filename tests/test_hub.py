@@ -109,6 +109,7 @@ def fake_hub(tmp_path, monkeypatch):
     """A FakeHub on 127.0.0.1 as HF_ENDPOINT, with an empty cache under tmp_path."""
     server = FakeHub()
     monkeypatch.setattr(hub, "_PROBED", {})  # each test's hub is asked afresh
+    monkeypatch.setattr(hub, "_WARNED", set())
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
@@ -178,6 +179,23 @@ def test_revision_and_no_config_give_the_registry_transform(fake_hub, resnet18_f
     metadata = read_metadata(f"hf:timm/resnet18.tv_in1k@{COMMIT}")
     assert (metadata.arch, metadata.resize_size, metadata.crop_size) == ("resnet18", 256, 224)
     assert f"HEAD /timm/resnet18.tv_in1k/resolve/{COMMIT}/config.json" in fake_hub.requests
+
+
+def test_offline_without_a_cached_config_warns_and_uses_the_registry(
+    fake_hub, resnet18_files, monkeypatch, tmp_path, capsys
+):
+    fake_hub.files[REPO] = {"model.safetensors": resnet18_files[0], "config.json": TV2_JSON}
+    load_variables(f"hf:{REPO}")
+    (config,) = (tmp_path / "hf_home").rglob("config.json")
+    config.unlink()  # as when another program cached only the weights
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert read_metadata(f"hf:{REPO}").resize_size == 256
+    read_metadata(f"hf:{REPO}")
+    warning = (
+        "warning: config.json of hf:timm/resnet18.tv2_in1k is not in the Hugging Face cache and "
+        "the hub cannot be asked; the architecture's ImageNet eval transform is used."
+    )
+    assert capsys.readouterr().err.splitlines() == [warning]  # once
 
 
 def test_convert_carries_the_config_transform_and_checks_arch(fake_hub, resnet18_files, tmp_path):
