@@ -110,7 +110,8 @@ def _progress_class() -> type:
     class DownloadBar(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.pop("name", None)  # huggingface_hub's own bars take a name; tqdm does not
-            kwargs["disable"] = not show_download_progress(kwargs.get("total"))
+            quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in _TRUE
+            kwargs["disable"] = quiet or not show_download_progress(kwargs.get("total"))
             super().__init__(*args, **kwargs)
 
     return DownloadBar
