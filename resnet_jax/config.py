@@ -62,9 +62,10 @@ class TrainConfig:
     weights: str | None = option(
         None,
         "torchvision's ImageNet weights (downloaded once, sha256-checked), none (random "
-        "init), or a .pth/.safetensors/.msgpack file; a head of another size is replaced by a new "
+        "init), a .pth/.safetensors/.msgpack file, or hf:ORG/NAME[@REVISION] on the Hugging Face "
+        "hub (e.g. hf:timm/resnet50.tv2_in1k); a head of another size is replaced by a new "
         "one for the classes of the data (default: imagenet; none with --synthetic)",
-        metavar="imagenet|none|PATH",
+        metavar="imagenet|none|PATH|hf:ORG/NAME",
     )
     head: str = option(
         "replace",

@@ -153,7 +153,12 @@ def _safetensors_table(path: Path) -> Any:
 
 def read_metadata(path: str | os.PathLike) -> ModelMetadata | None:
     """The metadata of a weights file, or None where it has none (.pth, files from elsewhere or
-    from before metadata was written). Reads only the metadata, not the tensors."""
+    from before metadata was written). Reads only the metadata, not the tensors. For
+    `hf:ORG/NAME` weights: the architecture from the tensors, the transform from config.json."""
+    if os.fspath(path).startswith("hf:"):
+        from resnet_jax.hub import hub_metadata  # hub.py builds on this module
+
+        return hub_metadata(path)
     path = Path(path)
     suffix = path.suffix.lower()
     readers = {".msgpack": _msgpack_table, ".safetensors": _safetensors_table}

@@ -1,4 +1,5 @@
-"""Save and load Flax variables (.msgpack, .safetensors, .pth) and fetch torchvision's ImageNet weights.
+"""Save and load Flax variables (.msgpack, .safetensors, .pth, or `hf:ORG/NAME` on the Hugging
+Face hub, see hub.py) and fetch torchvision's ImageNet weights.
 
 `.msgpack` keeps the Flax tree as is; `.safetensors` is written with torchvision's names and
 layouts, so `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(p))` works.
@@ -32,6 +33,7 @@ from resnet_jax.convert import (
 )
 from resnet_jax.errors import UserError
 from resnet_jax.files import atomic_write
+from resnet_jax.hub import hub_weights_path, is_hub_ref, show_download_progress
 from resnet_jax.metadata import METADATA_KEY, ModelMetadata, check_metadata, read_metadata
 from resnet_jax.registry import ARCHITECTURES, get_architecture, sha256_prefix
 from resnet_jax.torch_format import load_torch_state_dict
@@ -79,11 +81,12 @@ def save_variables(
 
 
 def load_variables(path: str | os.PathLike) -> dict:
-    """Read {'params', 'batch_stats'} from .msgpack, or from a torchvision .safetensors/.pth/.pt.
+    """Read {'params', 'batch_stats'} from .msgpack, from a torchvision .safetensors/.pth/.pt,
+    or from `hf:ORG/NAME[@REVISION]` (its model.safetensors, downloaded once).
 
     A .msgpack holding a whole Flax TrainState gives its params and batch_stats.
     """
-    path = Path(path)
+    path = hub_weights_path(path) if is_hub_ref(path) else Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a weights file; give the file's path.")
     if not path.is_file():
@@ -164,7 +167,7 @@ def _download(url: str, target: Path, hash_prefix: str, progress: bool) -> None:
             total = int(response.headers.get("Content-Length") or 0) or None
             bar = tqdm(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                disable=not progress,
+                disable=not (progress and show_download_progress(total)),
             )  # fmt: skip
             with bar, atomic_write(target, "wb") as f:
                 while chunk := response.read(1 << 20):
@@ -197,7 +200,8 @@ def pretrained_path(
     progress: bool = True,
     url: str | None = None,
 ) -> Path:
-    """Path of torchvision's ImageNet weights for `arch`, downloaded once and sha256-checked.
+    """Path of torchvision's ImageNet weights for `arch`, downloaded once and sha256-checked
+    (with a bar on stderr if `progress` and it is a terminal or the file is large).
 
     Looks in `cache_dir` (default: `default_cache_dir()`) and torch hub's cache first. `url`
     replaces the registry's URL (a mirror, or a local server in tests); its file name must keep

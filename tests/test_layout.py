@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 LAYERS = [
     {"errors", "files", "cache", "registry"},
     {"ops", "kernels", "models"},
-    {"convert", "torch_pickle", "torch_format", "metadata", "weights"},
+    {"convert", "torch_pickle", "torch_format", "metadata", "hub", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},
     {"optim", "steps", "parallel", "checkpoint", "reporting", "transfer", "config"},
     {"trainer", "inference", "predict_output"},

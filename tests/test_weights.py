@@ -293,6 +293,19 @@ def test_download_verify_reuse_and_load(caches, server, tmp_path):
     assert pretrained_path("resnet18", progress=False, url=f"{base}/{name}") == path
 
 
+def test_download_bar_only_on_a_terminal_or_for_large_files(caches, server, monkeypatch, capsys):
+    base, folder = server
+    data = b"weights" * 1000
+    name = hashed_name(data)
+    (folder / name).write_bytes(data)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    pretrained_path("resnet18", url=f"{base}/{name}", cache_dir=caches[0] / "a")
+    assert capsys.readouterr().err == ""  # a small file into a log: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    pretrained_path("resnet18", url=f"{base}/{name}", cache_dir=caches[0] / "b")
+    assert f"{name}: 100%" in capsys.readouterr().err
+
+
 def test_explicit_cache_dir_and_damaged_cached_file_is_replaced(caches, server, tmp_path):
     base, folder = server
     data = b"weights" * 1000

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--weights",
         required=True,
-        help=".msgpack from train.py/convert_weights.py, or .pth/.safetensors",
+        help=".msgpack from train.py/convert_weights.py, .pth/.safetensors, or hf:ORG/NAME "
+        "on the Hugging Face hub (e.g. hf:timm/resnet50.tv_in1k)",
     )
     add(
         "--class-indices",
