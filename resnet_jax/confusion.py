@@ -28,7 +28,8 @@ def class_accuracy(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, floa
 
 def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str) -> bytes | None:
     """The matrix as PNG bytes, titled `title: accuracy 0.874`: colours are the share of each
-    true class (rows sum to 1), cells show the counts; None when matplotlib is not installed."""
+    true class (rows sum to 1), cells show the counts, row labels the class's examples; None
+    when matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -47,7 +48,7 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str) -> byt
     ax.set_ylabel("true class")
     if n <= LABELLED_CLASSES:
         ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(range(n), classes)
+        ax.set_yticks(range(n), [f"{name} ({int(t)})" for name, t in zip(classes, totals[:, 0])])
     if n <= ANNOTATED_CLASSES:
         for (row, col), count in np.ndenumerate(matrix):
             colour = "white" if shares[row, col] > 0.5 else "black"
