@@ -33,18 +33,12 @@ class TensorBoard:
     is None (TensorBoard turned off, or a process other than 0)."""
 
     def __init__(
-        self,
-        directory: Path | None,
-        first_step: int,
-        every: int,
-        learning_rate: Callable[[int], Any],
+        self, directory: Path | None, every: int, learning_rate: Callable[[int], Any]
     ) -> None:
-        """`first_step`: the optimizer step the session starts after (0, or the resumed
-        checkpoint's); `learning_rate(count)`: the schedule, the rate of step `count + 1`."""
-        self.directory, self.first_step = directory, first_step
-        self.every, self.learning_rate = every, learning_rate
-        self._writer: EventsWriter | None = None  # opened at the first point
-        self._epoch_start, self._window = first_step, (0.0, 0.0)
+        """`learning_rate(count)`: the schedule, the rate of step `count + 1`."""
+        self.directory, self.every, self.learning_rate = directory, every, learning_rate
+        self._writer: EventsWriter | None = None  # opened at the session's first point
+        self._epoch_start, self._window = 0, (0.0, 0.0)
 
     def start_epoch(self, step: int) -> None:
         """The optimizer step an epoch starts after; the epoch's running totals start at zero."""
@@ -104,10 +98,11 @@ class TensorBoard:
             # The name has the second it was opened in; nanoseconds order two in the same second.
             self._writer = EventsWriter(str(self.directory / "events"), f".{time.time_ns()}")
             # TensorBoard drops the points of earlier files at or after a restart's step: what
-            # a stopped run wrote after its checkpoint (or before any, when it starts again).
+            # a stopped run wrote after the checkpoint this session's first epoch starts from
+            # (or anything, when it starts again from scratch).
             restart = SessionLog(status=SessionLog.START)
             self._writer.write_event(
-                Event(wall_time=time.time(), step=self.first_step + 1, session_log=restart)
+                Event(wall_time=time.time(), step=self._epoch_start + 1, session_log=restart)
             )
         return self._writer
 

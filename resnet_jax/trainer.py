@@ -92,8 +92,9 @@ def train(config: TrainConfig) -> TrainResult:
     if jax.process_index() == 0:
         _make_output_dir(out, replaced)
     ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
-    tb = None
-    try:  # from here on, close the checkpoint manager whatever happens
+    events = None if config.no_tensorboard or jax.process_index() else out / "tensorboard"
+    tb = TensorBoard(events, config.log_every, schedule)
+    try:  # from here on, close the checkpoint manager and the event file whatever happens
         state, history, best_confusion = _start(config, model, make_state, ckpts, dp)
         if jax.process_index() == 0 and data.classes is not None:
             write_class_indices(out / "class_indices.json", data.classes)
@@ -101,8 +102,6 @@ def train(config: TrainConfig) -> TrainResult:
             write_metrics(out, history)
         if best_confusion:
             write_confusion_matrix(out, _draw(best_confusion, data.classes, config.arch))
-        events = None if config.no_tensorboard or jax.process_index() else out / "tensorboard"
-        tb = TensorBoard(events, len(history) * data.steps, config.log_every, schedule)
 
         if len(history) >= config.epochs:
             done = len(history)
@@ -154,8 +153,7 @@ def train(config: TrainConfig) -> TrainResult:
             )
             print_once(epoch_line(record))
     finally:
-        if tb is not None:
-            tb.close()
+        tb.close()
         if ckpts is not None:
             ckpts.close()  # waits for the last (asynchronous) checkpoint write
     return TrainResult(state, history, out)
@@ -253,8 +251,7 @@ def _start(
     ckpts: Checkpoints | None,
     dp: DataParallel,
 ) -> tuple[TrainState, list[dict], dict | None]:
-    """A fresh state, or with `--resume` the latest checkpoint's state, history and best
-    confusion matrix."""
+    """A fresh state; with `--resume`, the latest checkpoint's state, history, best confusion."""
     latest = ckpts.latest_epoch() if ckpts else None
     if latest is None:
         if config.resume and ckpts:
@@ -340,8 +337,7 @@ def _train_epoch(
 def _evaluate(
     step_fn: Callable, state: TrainState, data: _TrainValBatches, dp: DataParallel, epoch: int
 ) -> dict:
-    """Mean validation loss and accuracy over the real (mask True) rows, and the confusion
-    matrix (`confusion`, NumPy)."""
+    """Mean loss and accuracy over the real (mask True) rows, and the `confusion` matrix."""
     totals = dp.replicate(zero_totals(data.num_classes))
     with progress_bar(data.val_steps, f"val epoch[{epoch}/{data.config.epochs}]") as bar:
         for i, batch in enumerate(data.val(epoch)):
@@ -402,5 +398,8 @@ def _improved(history: list[dict]) -> bool:
 
 
 def _draw(confusion: dict, classes: list[str], arch: str) -> bytes | None:
+    """The confusion matrix PNG on process 0, the one that writes it; None elsewhere."""
+    if jax.process_index() != 0:
+        return None
     title = f"{arch}, epoch {confusion['epoch']}, validation"
     return confusion_png(np.asarray(confusion["matrix"]), classes, title)

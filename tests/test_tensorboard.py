@@ -25,7 +25,7 @@ def run_epochs(tb: TensorBoard, epochs: range, offset: float = 0.0) -> None:
 
 
 def test_points_of_the_steps_and_epochs(tmp_path, tensorboard_series):
-    tb = TensorBoard(tmp_path, 0, every=2, learning_rate=lambda count: 0.1 * count)
+    tb = TensorBoard(tmp_path, every=2, learning_rate=lambda count: 0.1 * count)
     run_epochs(tb, range(1, 3))
     tb.close()
     series = tensorboard_series(tmp_path)
@@ -40,12 +40,12 @@ def test_points_of_the_steps_and_epochs(tmp_path, tensorboard_series):
 
 def test_resume_replaces_the_points_after_the_checkpoint(tmp_path, tensorboard_series):
     # A run killed in epoch 3, after its checkpoint of epoch 2 and points up to step 10 ...
-    stopped = TensorBoard(tmp_path, 0, every=2, learning_rate=lambda count: 0.1)
+    stopped = TensorBoard(tmp_path, every=2, learning_rate=lambda count: 0.1)
     run_epochs(stopped, range(1, 3), offset=100.0)
     stopped.start_epoch(8)
     stopped.train_totals(2, {"loss": 209.0 + 210.0, "count": 2.0})
     # ... is resumed after step 8 (the restart marker is in a file of its own).
-    resumed = TensorBoard(tmp_path, 8, every=2, learning_rate=lambda count: 0.1)
+    resumed = TensorBoard(tmp_path, every=2, learning_rate=lambda count: 0.1)
     run_epochs(resumed, range(3, 4))
     resumed.close()
     stopped.close()
@@ -60,10 +60,10 @@ def test_resume_replaces_the_points_after_the_checkpoint(tmp_path, tensorboard_s
 def test_a_run_started_again_without_a_checkpoint_replaces_every_point(
     tmp_path, tensorboard_series
 ):
-    stopped = TensorBoard(tmp_path, 0, every=2, learning_rate=lambda count: 0.1)
+    stopped = TensorBoard(tmp_path, every=2, learning_rate=lambda count: 0.1)
     run_epochs(stopped, range(1, 2), offset=100.0)
     stopped.close()
-    again = TensorBoard(tmp_path, 0, every=2, learning_rate=lambda count: 0.1)
+    again = TensorBoard(tmp_path, every=2, learning_rate=lambda count: 0.1)
     run_epochs(again, range(1, 2))
     again.close()
     assert len(list(tmp_path.iterdir())) == 2
@@ -73,7 +73,7 @@ def test_a_run_started_again_without_a_checkpoint_replaces_every_point(
 
 
 def test_a_writer_without_a_folder_writes_nothing(tmp_path):
-    tb = TensorBoard(None, 0, every=1, learning_rate=lambda count: 0.1)
+    tb = TensorBoard(None, every=1, learning_rate=lambda count: 0.1)
     run_epochs(tb, range(1, 2))
     tb.close()
     assert not list(tmp_path.iterdir())

@@ -352,6 +352,7 @@ def test_two_processes_end_with_identical_parameters(reference, data, env, tmp_p
         np.testing.assert_array_equal(first[key], second[key])
     # Process 0 alone reports, and the global batch makes it the single-process run.
     assert outputs[0].count("[epoch 1]") == 1 and "[epoch 1]" not in outputs[1]
+    assert len(os.listdir(tmp_path / "tensorboard")) == 1
     assert_same_epoch(losses(tmp_path)[0], losses(reference[0])[0])
 
 
@@ -440,12 +441,12 @@ def test_a_full_disk_stops_training_with_one_line(reference, data, env, tmp_path
 
 def test_synthetic_reports_images_per_second(env, tmp_path):
     args = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--epochs", "1",
-            "--synthetic", "3", "--output-dir", str(tmp_path)]  # fmt: skip
+            "--synthetic", "3", "--output-dir", str(tmp_path), "--no-tensorboard"]  # fmt: skip
     result = run_train(args, env)
     assert result.returncode == 0, result.stderr
     assert "images/s)" in result.stdout and "initialised at random" in result.stdout
     assert read_metrics(tmp_path)[0]["images_per_second"] > 0
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
 
 
 def test_existing_run_and_changed_flags_need_attention(reference, data, env):
