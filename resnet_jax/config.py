@@ -138,6 +138,15 @@ class TrainConfig:
         "start a new run in an --output-dir that holds an earlier run's outputs, "
         "deleting them first",
     )
+    no_tensorboard: bool = option(
+        False, "write no TensorBoard event files (OUTPUT_DIR/tensorboard/)"
+    )
+    log_every: int = option(
+        50,
+        "write the mean training loss and the learning rate to TensorBoard every N steps",
+        minimum=1,
+        metavar="N",
+    )
     synthetic: int = option(
         0,
         "measure throughput: random images made on the device, STEPS steps per epoch (50 if "

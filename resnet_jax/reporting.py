@@ -1,4 +1,5 @@
-"""What a training run shows and records: progress bars, epoch lines, metrics.jsonl, curves.
+"""What a training run shows and records: progress bars, epoch lines, metrics.jsonl, curves,
+the confusion matrix PNG.
 
 Only process 0 prints or writes, so a multi-host run reports once.
 """
@@ -15,7 +16,10 @@ from tqdm import tqdm
 
 from resnet_jax.files import atomic_write
 
-__all__ = ["epoch_line", "print_once", "progress_bar", "write_curves", "write_metrics"]
+__all__ = [
+    "epoch_line", "print_once", "progress_bar", "write_confusion_matrix", "write_curves",
+    "write_metrics",
+]  # fmt: skip
 
 
 def print_once(message: str) -> None:
@@ -32,12 +36,28 @@ def progress_bar(steps: int, desc: str) -> tqdm:
 
 
 def epoch_line(record: dict[str, Any]) -> str:
-    """`[epoch 1] train_loss: 0.412 val_accuracy: 0.874 val_loss: 0.351 (12.3 s, 45.6 images/s)`."""
+    """`[epoch 1] train_loss: 0.412 val_accuracy: 0.874 val_loss: 0.351 (12.3 s, 45.6 images/s)`,
+    then the per-class validation accuracy when the record has it."""
     line = f"[epoch {record['epoch']}] train_loss: {record['train_loss']:.3f}"
     if record["val_accuracy"] is not None:
         line += f" val_accuracy: {record['val_accuracy']:.3f} val_loss: {record['val_loss']:.3f}"
     speed = record["images_per_second"]
-    return line + f" ({record['seconds']:.1f} s" + (f", {speed:.1f} images/s)" if speed else ")")
+    line += f" ({record['seconds']:.1f} s" + (f", {speed:.1f} images/s)" if speed else ")")
+    return line + _class_accuracy_part(record.get("val_class_accuracy"))
+
+
+SHOWN_CLASSES = 10  # with more classes the epoch line shows the lowest accuracies only
+
+
+def _class_accuracy_part(accuracy: dict[str, float | None] | None) -> str:
+    """`; per class: daisy 0.81, roses 0.62`, or the SHOWN_CLASSES // 2 lowest of many."""
+    if not accuracy:
+        return ""
+    known = [(name, a) for name, a in accuracy.items() if a is not None]
+    label = "per class"
+    if len(accuracy) > SHOWN_CLASSES:
+        known, label = sorted(known, key=lambda item: item[1])[: SHOWN_CLASSES // 2], "lowest"
+    return f"; {label}: " + ", ".join(f"{name} {a:.2f}" for name, a in known)
 
 
 def write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -70,3 +90,10 @@ def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
         ax.legend()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
+
+
+def write_confusion_matrix(output_dir: Path, png: bytes | None) -> None:
+    """Replace confusion_matrix.png (`confusion.confusion_png`; None: matplotlib is missing)."""
+    if png is not None and jax.process_index() == 0:
+        with atomic_write(output_dir / "confusion_matrix.png", "wb") as f:
+            f.write(png)

@@ -1,7 +1,7 @@
 """The train state and the train and eval steps: pure functions of (state, batch, totals).
 
 `parallel.DataParallel` compiles them for a device mesh. Metrics are summed on the device and
-read back only when shown.
+read back only when shown; validation also counts a confusion matrix there.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.transforms import normalize
 
 __all__ = [
-    "Batch", "Totals", "TrainState", "create_state", "cross_entropy", "eval_logits", "eval_step",
-    "train_step", "zero_totals",
+    "Batch", "Totals", "TrainState", "confusion_counts", "create_state", "cross_entropy",
+    "eval_logits", "eval_step", "train_step", "zero_totals",
 ]  # fmt: skip
 
 Batch = dict[str, jax.Array]
@@ -41,13 +41,17 @@ def create_state(
     )
 
 
-def zero_totals() -> Totals:
-    """Running sums of one epoch, kept on the device: summed loss, correct predictions, examples."""
-    return {
+def zero_totals(num_classes: int | None = None) -> Totals:
+    """Running sums of one epoch, kept on the device: summed loss, correct predictions, examples;
+    with `num_classes`, also a confusion matrix (`eval_step` fills it)."""
+    totals = {
         "loss": jnp.zeros((), jnp.float32),
         "correct": jnp.zeros((), jnp.float32),
         "count": jnp.zeros((), jnp.float32),
     }
+    if num_classes is not None:
+        totals["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32)
+    return totals
 
 
 def _accumulate(totals: Totals, losses: jax.Array, logits: jax.Array, batch: Batch) -> Totals:
@@ -94,8 +98,24 @@ def eval_logits(
     return apply_fn(variables, normalize(images, transform.mean, transform.std), train=False)
 
 
+def confusion_counts(
+    labels: jax.Array, predictions: jax.Array, mask: jax.Array, n: int
+) -> jax.Array:
+    """counts[true, predicted] over the rows with mask True, as an (n, n) int32 matrix."""
+    # A product of one-hot matrices contracts the batch axis, so on a sharded batch each device
+    # counts its rows and XLA adds the partial matrices (an all-reduce), like the other sums.
+    rows = jax.nn.one_hot(labels, n, dtype=jnp.int32) * mask[:, None].astype(jnp.int32)
+    return rows.T @ jax.nn.one_hot(predictions, n, dtype=jnp.int32)
+
+
 def eval_step(state: TrainState, batch: Batch, totals: Totals) -> Totals:
-    """Add a batch's plain cross-entropy and correct predictions to the running totals."""
+    """Add a batch's plain cross-entropy and correct predictions to the running totals (and its
+    counts to the confusion matrix, when `totals` has one)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = eval_logits(state.apply_fn, variables, batch["image"])
-    return _accumulate(totals, cross_entropy(logits, batch["label"]), logits, batch)
+    new = _accumulate(totals, cross_entropy(logits, batch["label"]), logits, batch)
+    if "confusion" in totals:
+        n = totals["confusion"].shape[0]
+        counts = confusion_counts(batch["label"], jnp.argmax(logits, -1), batch["mask"], n)
+        new["confusion"] = totals["confusion"] + counts
+    return new

@@ -3,7 +3,9 @@
 OUTPUT_DIR (default `runs/<arch>`) receives `checkpoints/` (orbax; latest and best epoch),
 `best.msgpack` (the variables with the best validation accuracy, with the metadata `predict.py`
 needs to preprocess as validation did: `metadata.ModelMetadata`), `class_indices.json`,
-`metrics.jsonl` (one line per epoch) and `training_curve.png` (when matplotlib is installed).
+`metrics.jsonl` (one line per epoch, with the per-class validation accuracy), `tensorboard/`
+(event files: `resnet_jax.tensorboard`), and with matplotlib `training_curve.png` and
+`confusion_matrix.png` (the best epoch's validation confusion matrix).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax.cache import enable_compilation_cache
 from resnet_jax.checkpoint import Checkpoints
 from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
+from resnet_jax.confusion import class_accuracy, confusion_png
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
 from resnet_jax.files import remove_stale_temporaries, write_error
@@ -30,10 +34,17 @@ from resnet_jax.metadata import ModelMetadata
 from resnet_jax.models import ResNet, create_model, init_variables
 from resnet_jax.optim import frozen_stages, make_optimizer, make_schedule
 from resnet_jax.parallel import DataParallel, init_distributed
-from resnet_jax.reporting import epoch_line, print_once, progress_bar, write_metrics
+from resnet_jax.reporting import (
+    epoch_line,
+    print_once,
+    progress_bar,
+    write_confusion_matrix,
+    write_metrics,
+)
 from resnet_jax.sources import write_class_indices
 from resnet_jax.steps import TrainState, create_state, zero_totals
 from resnet_jax.synthetic import synthetic_batches
+from resnet_jax.tensorboard import TensorBoard
 from resnet_jax.transfer import initial_variables
 from resnet_jax.weights import save_variables
 
@@ -81,12 +92,16 @@ def train(config: TrainConfig) -> TrainResult:
     if jax.process_index() == 0:
         _make_output_dir(out, replaced)
     ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
-    try:  # from here on, close the checkpoint manager whatever happens
-        state, history = _start(config, model, make_state, ckpts, dp)
+    events = None if config.no_tensorboard or jax.process_index() else out / "tensorboard"
+    tb = TensorBoard(events, config.log_every, schedule)
+    try:  # from here on, close the checkpoint manager and the event file whatever happens
+        state, history, best_confusion = _start(config, model, make_state, ckpts, dp)
         if jax.process_index() == 0 and data.classes is not None:
             write_class_indices(out / "class_indices.json", data.classes)
         if history:  # a kill may have come between a checkpoint and the metrics it records
             write_metrics(out, history)
+        if best_confusion:
+            write_confusion_matrix(out, _draw(best_confusion, data.classes, config.arch))
 
         if len(history) >= config.epochs:
             done = len(history)
@@ -95,6 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
         compiled = False
         for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = time.perf_counter()
+            tb.start_epoch((epoch - 1) * data.steps)
             state, train_metrics, compile_s, train_s = _train_epoch(
                 train_step,
                 state,
@@ -103,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
                 dp,
                 f"train epoch[{epoch}/{config.epochs}]",
                 skip_first=not compiled,
+                log=tb.train_totals,
             )
             compiled = True
             if not math.isfinite(train_metrics["loss"]):
@@ -120,10 +137,23 @@ def train(config: TrainConfig) -> TrainResult:
             }
             if compile_s:
                 record["first_step_seconds"] = compile_s
+            confusion, png = None, None
+            if "confusion" in val:
+                record["val_class_accuracy"] = class_accuracy(val["confusion"], data.classes)
+                confusion = {"epoch": epoch, "matrix": val["confusion"].tolist()}
+                png = _draw(confusion, data.classes, config.arch)
+            # On disk before the checkpoint: a checkpoint never holds epochs the events lack.
+            tb.epoch(epoch * data.steps, record, png)
             history.append(record)
-            _save_epoch(out, config, state, history, ckpts, data.classes, data.metadata())
+            if confusion and _improved(history):
+                best_confusion = confusion
+                write_confusion_matrix(out, png)  # before the checkpoint, like best.msgpack
+            _save_epoch(
+                out, config, state, history, ckpts, data.classes, data.metadata(), best_confusion
+            )
             print_once(epoch_line(record))
     finally:
+        tb.close()
         if ckpts is not None:
             ckpts.close()  # waits for the last (asynchronous) checkpoint write
     return TrainResult(state, history, out)
@@ -134,7 +164,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 # What a run writes into its output folder (see the module docstring).
 OUTPUTS = ("checkpoints", "best.msgpack", "metrics.jsonl", "class_indices.json",
-           "training_curve.png")  # fmt: skip
+           "training_curve.png", "confusion_matrix.png", "tensorboard")  # fmt: skip
 
 
 def _check_output_dir(out: Path, config: TrainConfig) -> list[str]:
@@ -220,15 +250,15 @@ def _start(
     make_state: Callable,
     ckpts: Checkpoints | None,
     dp: DataParallel,
-) -> tuple[TrainState, list[dict]]:
-    """A fresh state, or the latest checkpoint's state and history with `--resume`."""
+) -> tuple[TrainState, list[dict], dict | None]:
+    """A fresh state; with `--resume`, the latest checkpoint's state, history, best confusion."""
     latest = ckpts.latest_epoch() if ckpts else None
     if latest is None:
         if config.resume and ckpts:
             print_once(f"No checkpoint in {ckpts.directory} to resume from; starting a new run.")
         variables, message = initial_variables(model, config.arch, config.weights, config.seed)
         print_once(message)
-        return make_state(dp.replicate(variables)), []
+        return make_state(dp.replicate(variables)), [], None
     abstract = jax.eval_shape(lambda: make_state(init_variables(model)))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
@@ -252,7 +282,7 @@ def _start(
         )
     state = ckpts.restore(abstract, latest)
     print_once(f"Resuming {config.output_dir} after epoch {latest}.")
-    return state, meta["history"]
+    return state, meta["history"], meta.get("best_confusion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +302,10 @@ def _train_epoch(
     dp: DataParallel,
     desc: str,
     skip_first: bool,
+    log: Callable[[int, dict], None],
 ) -> tuple[TrainState, dict, float, float]:
     """Run one epoch; returns the state, mean metrics, first-step seconds (if timed) and time.
+    `log(steps_done, totals)` sees the running totals after every step (it reads few of them).
 
     The host never waits for the step it just dispatched: the bar shows the loss of the step
     before (already finished or nearly), so the device always has work queued.
@@ -294,8 +326,10 @@ def _train_epoch(
                     return state, {"loss": loss, "accuracy": 0.0}, compile_s, 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 refreshed = time.perf_counter()
+            log(i, totals)
             totals = new_totals
             bar.update()
+        log(steps, totals)
         metrics = _mean(totals)
     return state, metrics, compile_s, time.perf_counter() - t0
 
@@ -303,8 +337,8 @@ def _train_epoch(
 def _evaluate(
     step_fn: Callable, state: TrainState, data: _TrainValBatches, dp: DataParallel, epoch: int
 ) -> dict:
-    """Mean validation loss and accuracy over the real (mask True) rows."""
-    totals = dp.replicate(zero_totals())
+    """Mean loss and accuracy over the real (mask True) rows, and the `confusion` matrix."""
+    totals = dp.replicate(zero_totals(data.num_classes))
     with progress_bar(data.val_steps, f"val epoch[{epoch}/{data.config.epochs}]") as bar:
         for i, batch in enumerate(data.val(epoch)):
             new_totals = step_fn(state, batch, totals)
@@ -312,7 +346,7 @@ def _evaluate(
                 bar.set_postfix(loss=f"{_mean(totals)['loss']:.3f}", refresh=False)
             totals = new_totals
             bar.update()
-    return _mean(totals)
+    return {**_mean(totals), "confusion": np.asarray(totals["confusion"])}
 
 
 def _nan_message(loss: float, epoch: int, ckpts: Checkpoints | None) -> str:
@@ -336,16 +370,13 @@ def _save_epoch(
     ckpts: Checkpoints | None,
     classes: list[str] | None,
     metadata: ModelMetadata | None = None,
+    best_confusion: dict | None = None,
 ) -> None:
     """best.msgpack (if improved), the orbax checkpoint, metrics.jsonl and the curves."""
     record = history[-1]
     if ckpts is not None:
         ckpts.wait()  # the previous epoch's checkpoint: if its write failed, stop before more
-        previous = [h["val_accuracy"] for h in history[:-1] if h["val_accuracy"] is not None]
-        improved = record["val_accuracy"] is not None and record["val_accuracy"] > max(
-            previous, default=-1.0
-        )
-        if improved and jax.process_index() == 0:
+        if _improved(history) and jax.process_index() == 0:
             # Before the checkpoint: a kill in between redoes this epoch and rewrites the file.
             best = {"params": state.params, "batch_stats": state.batch_stats}
             save_variables(out / "best.msgpack", best, metadata)
@@ -353,6 +384,22 @@ def _save_epoch(
             "config": {k: getattr(config, k) for k in (*RUN_KEYS, "epochs")},
             "history": history,
             "classes": classes,
+            "best_confusion": best_confusion,
         }
         ckpts.save(record["epoch"], state, meta, record["val_accuracy"])
     write_metrics(out, history)
+
+
+def _improved(history: list[dict]) -> bool:
+    """Whether the last epoch has the best validation accuracy so far (the first best on ties)."""
+    previous = [h["val_accuracy"] for h in history[:-1] if h["val_accuracy"] is not None]
+    accuracy = history[-1]["val_accuracy"]
+    return accuracy is not None and accuracy > max(previous, default=-1.0)
+
+
+def _draw(confusion: dict, classes: list[str], arch: str) -> bytes | None:
+    """The confusion matrix PNG on process 0, the one that writes it; None elsewhere."""
+    if jax.process_index() != 0:
+        return None
+    title = f"{arch}, epoch {confusion['epoch']}, validation"
+    return confusion_png(np.asarray(confusion["matrix"]), classes, title)

@@ -121,6 +121,18 @@ def _step_errors(got: dict, want: dict) -> dict[str, float]:
     return errors
 
 
+def _tensorboard_series(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    series = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    for tag in tags["images"]:
+        series[tag] = [(e.step, e.encoded_image_string) for e in events.Images(tag)]
+    return series
+
+
 # ---------------------------------------------------------------- the helpers as fixtures
 
 
@@ -164,6 +176,13 @@ def flax_step():
 def step_errors():
     """The relative error of every entry of two step results, by name."""
     return _step_errors
+
+
+@pytest.fixture(scope="session")
+def tensorboard_series():
+    """A folder of event files -> {tag: [(step, value or PNG bytes)]}, read by TensorBoard's
+    own reader (restart markers applied)."""
+    return _tensorboard_series
 
 
 # ---------------------------------------------------------------- hand-written .pth files

@@ -13,7 +13,17 @@ LAYERS = [
     {"ops", "kernels", "models"},
     {"convert", "torch_pickle", "torch_format", "metadata", "hub", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},
-    {"optim", "steps", "parallel", "checkpoint", "reporting", "transfer", "config"},
+    {
+        "optim",
+        "steps",
+        "parallel",
+        "checkpoint",
+        "reporting",
+        "transfer",
+        "config",
+        "confusion",
+        "tensorboard",
+    },
     {"trainer", "inference", "predict_output"},
     {"cli"},
 ]

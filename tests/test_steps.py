@@ -100,3 +100,22 @@ def test_frozen_stages_stay_bit_identical(variables, flat):
     }
     assert changed == trained
     assert changed_stats == trained - {"fc"}
+
+
+def test_eval_step_counts_the_confusion_matrix_of_the_real_rows(variables):
+    model = create_model("resnet18", num_classes=3)
+    dp, state = make_state(model, variables)
+    eval_step = dp.jit_eval_step()
+    totals = dp.replicate(steps.zero_totals(3))
+    batches = [random_batch(seed, n=4) for seed in (3, 4)]
+    batches[1]["mask"][1:] = False  # one real row, three of padding
+    for batch in batches:
+        totals = eval_step(state, dp.shard(batch), totals)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    expected = np.zeros((3, 3), int)
+    for batch in batches:
+        predicted = np.argmax(steps.eval_logits(model.apply, variables, batch["image"]), -1)
+        np.add.at(expected, (batch["label"][batch["mask"]], predicted[batch["mask"]]), 1)
+    assert totals["confusion"].dtype == np.int32
+    np.testing.assert_array_equal(totals["confusion"], expected)
+    assert np.trace(expected) == float(totals["correct"]) and expected.sum() == 5

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from resnet_jax.checkpoint import Checkpoints
 from resnet_jax.metadata import read_metadata
 from resnet_jax.models import create_model
 from resnet_jax.sources import read_class_indices
@@ -32,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 # smooth enough (SGD, small lr, BatchNorm over 6 images of 2x2 or more pixels) that runs on one
 # and two devices agree to float tolerance. The same flags everywhere share one compilation.
 TINY = {"arch": "resnet18", "weights": "none", "image_size": 48, "batch_size": 6, "workers": 1,
-        "optimizer": "sgd", "lr": 1e-3}  # fmt: skip
+        "optimizer": "sgd", "lr": 1e-3, "log_every": 2}  # fmt: skip
+STEPS = 3  # per epoch: 18 training images in batches of 6
 TINY_ARGS = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -146,7 +148,49 @@ def test_run_writes_every_output(reference):
     variables = load_variables(out / "best.msgpack")
     assert variables["params"]["fc"]["kernel"].shape == (512, 3)
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(out / "checkpoints")) in (["1", "2"], ["2"])
+
+
+def test_tensorboard_shows_metrics_jsonl(reference, tensorboard_series):
+    out = reference[0]
+    series = tensorboard_series(out / "tensorboard")
+    expected = {"step/learning_rate": [(s, pytest.approx(1e-3)) for s in (2, 4, 6)]}
+    for m in read_metrics(out):
+        step = m["epoch"] * STEPS
+        for key, value in m.items():
+            if isinstance(value, dict):  # val_class_accuracy
+                for name, v in value.items():
+                    expected.setdefault(f"epoch/{key}/{name}", []).append((step, approx(v)))
+            elif key != "epoch":
+                expected.setdefault(f"epoch/{key}", []).append((step, approx(value)))
+    assert {tag: series[tag] for tag in expected} == expected
+    assert [step for step, _ in series["step/train_loss"]] == [2, 4, 6]
+    assert [step for step, _ in series["epoch/val_confusion_matrix"]] == [3, 6]
+    assert set(series) == {*expected, "step/train_loss", "epoch/val_confusion_matrix"}
+
+
+def approx(value: float):
+    return pytest.approx(value, rel=1e-6)  # TensorBoard keeps float32
+
+
+def test_confusion_matrix_of_the_best_epoch(reference):
+    out, stdout = reference
+    metrics = read_metrics(out)
+    best = max(metrics, key=lambda m: m["val_accuracy"])  # the first of equals, as best.msgpack
+    ckpts = Checkpoints(out / "checkpoints")
+    try:
+        confusion = ckpts.meta()["best_confusion"]
+    finally:
+        ckpts.close()
+    matrix = np.array(confusion["matrix"])
+    assert confusion["epoch"] == best["epoch"]
+    np.testing.assert_array_equal(matrix.sum(axis=1), [2, 2, 2])  # the validation images
+    assert np.trace(matrix) / matrix.sum() == best["val_accuracy"]
+    accuracy = {f"class{c}": matrix[c, c] / 2 for c in range(3)}
+    assert best["val_class_accuracy"] == accuracy
+    line = next(line for line in stdout.splitlines() if line.startswith(f"[epoch {best['epoch']}]"))
+    assert line.endswith("; per class: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
 
 
 def test_predict_repeats_the_best_validation_exactly(reference, data, env):
@@ -170,7 +214,7 @@ def test_predict_repeats_the_best_validation_exactly(reference, data, env):
 
 
 @pytest.mark.parametrize("moment", ["during the first checkpoint write", "in epoch 2"])
-def test_kill_9_then_resume(reference, data, env, tmp_path, moment):
+def test_kill_9_then_resume(reference, data, env, tmp_path, moment, tensorboard_series):
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
     proc = subprocess.Popen(
         [sys.executable, "train.py", *args], cwd=REPO, env=env,
@@ -199,6 +243,13 @@ def test_kill_9_then_resume(reference, data, env, tmp_path, moment):
     assert losses(tmp_path) == losses(reference[0])
     assert not [n for n in os.listdir(ckpts) if "tmp" in n]
     load_variables(tmp_path / "best.msgpack")
+    # TensorBoard shows every point once, as the uninterrupted run wrote it.
+    got, want = (tensorboard_series(d / "tensorboard") for d in (tmp_path, reference[0]))
+    for tag in ("step/train_loss", "epoch/val_confusion_matrix", *(f"epoch/{k}" for k in LOSSES)):
+        assert got[tag] == want[tag], tag
+    assert (tmp_path / "confusion_matrix.png").read_bytes() == (
+        reference[0] / "confusion_matrix.png"
+    ).read_bytes()
 
 
 def test_torchvision_pth_with_frozen_backbone(data, env, tmp_path):
@@ -301,6 +352,7 @@ def test_two_processes_end_with_identical_parameters(reference, data, env, tmp_p
         np.testing.assert_array_equal(first[key], second[key])
     # Process 0 alone reports, and the global batch makes it the single-process run.
     assert outputs[0].count("[epoch 1]") == 1 and "[epoch 1]" not in outputs[1]
+    assert len(os.listdir(tmp_path / "tensorboard")) == 1
     assert_same_epoch(losses(tmp_path)[0], losses(reference[0])[0])
 
 
@@ -389,12 +441,12 @@ def test_a_full_disk_stops_training_with_one_line(reference, data, env, tmp_path
 
 def test_synthetic_reports_images_per_second(env, tmp_path):
     args = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--epochs", "1",
-            "--synthetic", "3", "--output-dir", str(tmp_path)]  # fmt: skip
+            "--synthetic", "3", "--output-dir", str(tmp_path), "--no-tensorboard"]  # fmt: skip
     result = run_train(args, env)
     assert result.returncode == 0, result.stderr
     assert "images/s)" in result.stdout and "initialised at random" in result.stdout
     assert read_metrics(tmp_path)[0]["images_per_second"] > 0
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
 
 
 def test_existing_run_and_changed_flags_need_attention(reference, data, env):
@@ -413,6 +465,8 @@ def test_outputs_of_an_earlier_run_are_never_replaced_silently(reference, data, 
     kept = ("best.msgpack", "metrics.jsonl", "class_indices.json")
     for name in kept:
         shutil.copy(reference[0] / name, tmp_path / name)
+    shutil.copytree(reference[0] / "tensorboard", tmp_path / "tensorboard")
+    old_events = set(os.listdir(tmp_path / "tensorboard"))
     (tmp_path / ".best.msgpack.k2j4_x9a.tmp").write_bytes(b"half")
     before = {name: (tmp_path / name).read_bytes() for name in kept}
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(tmp_path)]
@@ -420,13 +474,15 @@ def test_outputs_of_an_earlier_run_are_never_replaced_silently(reference, data, 
         refused = run_train([*args, *extra], env)
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert (
-            "already holds a run (best.msgpack, metrics.jsonl, class_indices.json); pass "
-            "--overwrite to replace it" in refused.stderr
+            "already holds a run (best.msgpack, metrics.jsonl, class_indices.json, tensorboard); "
+            "pass --overwrite to replace it" in refused.stderr
         )
         assert {name: (tmp_path / name).read_bytes() for name in kept} == before
+        assert set(os.listdir(tmp_path / "tensorboard")) == old_events
     replaced = run_train([*args, "--overwrite"], env)
     assert replaced.returncode == 0, replaced.stderr
     assert len(read_metrics(tmp_path)) == 1 and (tmp_path / "checkpoints").is_dir()
+    assert not set(os.listdir(tmp_path / "tensorboard")) & old_events
     assert not (tmp_path / ".best.msgpack.k2j4_x9a.tmp").exists()
 
 

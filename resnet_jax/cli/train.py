@@ -19,7 +19,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 EPILOG = """\
 outputs (in --output-dir, default runs/ARCH): checkpoints/ (orbax: the latest and the best
 epoch, for --resume), best.msgpack (best validation accuracy; for predict.py --weights),
-class_indices.json, metrics.jsonl (one JSON line per epoch), training_curve.png.
+class_indices.json, metrics.jsonl (one JSON line per epoch), tensorboard/ (event files: run
+tensorboard --logdir runs/), training_curve.png, confusion_matrix.png (the best epoch's).
 
 Compiled steps are cached in $RESNET_JAX_CACHE/jax (default ~/.cache/resnet_jax/jax) so that
 a second start skips compilation; JAX_COMPILATION_CACHE_DIR moves it ('' turns it off).
