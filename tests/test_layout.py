@@ -14,7 +14,7 @@ LAYERS = [
     {"convert", "torch_pickle", "torch_format", "metadata", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},
     {"optim", "steps", "parallel", "checkpoint", "reporting", "transfer", "config"},
-    {"trainer", "inference", "predict_output"},
+    {"trainer", "gradcam", "inference", "predict_output"},
     {"cli"},
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
