@@ -28,7 +28,7 @@ ORIGINAL_LINE = "class: {:10} prob: {:.3}"  # the original predict.py's printed 
 ORIGINAL_TITLE = "class: {} prob: {:.3}"  # and its plot title
 OUTPUT_SUFFIXES = (".csv", ".json")
 CAM_SUFFIX = ".cam.png"  # tulip.jpg -> tulip.cam.png
-CAM_ALPHA = 0.5  # opacity of the heat map over the image
+CAM_ALPHA = 0.4  # opacity of the heat map over the image
 
 
 def format_text(
