@@ -23,6 +23,11 @@ def _tiny(**kwargs) -> ResNet:
     return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
+def _init(model: ResNet, seed: int) -> dict:
+    """Fresh variables, jitted; the "rbg" generator compiles in a third of threefry's time."""
+    return jax.jit(lambda key: init_variables(model, key))(jax.random.key(seed, impl="rbg"))
+
+
 def _logits(model: ResNet, variables: dict, images: np.ndarray, transform) -> np.ndarray:
     return np.asarray(
         jax.jit(lambda v, x: eval_logits(model.apply, v, x, transform))(variables, images)
@@ -49,7 +54,7 @@ def _reference_maps(model: ResNet, variables: dict, images: np.ndarray, transfor
 )
 def test_maps_are_the_head_weights_on_layer4_for_both_head_layouts(kwargs):
     model = _tiny(**kwargs)
-    variables = init_variables(model, jax.random.key(1))
+    variables = _init(model, 1)
     images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
     transform = EvalTransform(resize_size=110, crop_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -84,7 +89,7 @@ def _squares(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, 
 def square_finder():
     """A tiny ResNet trained for a few dozen steps to tell images with a square from those without."""
     model = _tiny(num_classes=2)
-    state = create_state(model.apply, optax.adam(1e-3), init_variables(model, jax.random.key(0)))
+    state = create_state(model.apply, optax.adam(1e-3), _init(model, 0))
     step = jax.jit(train_step)
     rng = np.random.default_rng(0)
     for _ in range(40):
