@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from resnet_jax.gradcam import gradcam, layer4_name, upsample
-from resnet_jax.models import BasicBlock, ResNet, init_variables
+from resnet_jax.models import BasicBlock, Bottleneck, ResNet, init_variables
 from resnet_jax.registry import EvalTransform
 from resnet_jax.steps import create_state, eval_logits, train_step, zero_totals
 from resnet_jax.transforms import normalize
@@ -18,9 +18,9 @@ SIZE = 96  # layer4 is 3x3 at 96 px (stride 32)
 SQUARE = 24
 
 
-def _tiny(**kwargs) -> ResNet:
+def _tiny(block: type = BasicBlock, **kwargs) -> ResNet:
     """One block per stage: the smallest ResNet with torchvision's layout."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+    return ResNet(block, [1, 1, 1, 1], **kwargs)
 
 
 def _init(model: ResNet, seed: int) -> dict:
@@ -50,9 +50,14 @@ def _reference_maps(model: ResNet, variables: dict, images: np.ndarray, transfor
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"num_classes": 3}, {"num_classes": 3, "head": "append", "frozen_stages": 5}]
+    "kwargs",
+    [
+        {"num_classes": 3},
+        {"num_classes": 3, "head": "append", "frozen_stages": 5},
+        {"num_classes": 3, "block": Bottleneck, "groups": 32, "width_per_group": 4},  # ResNeXt
+    ],
 )
-def test_maps_are_the_head_weights_on_layer4_for_both_head_layouts(kwargs):
+def test_maps_are_the_head_weights_on_layer4_for_both_heads_and_blocks(kwargs):
     model = _tiny(**kwargs)
     variables = _init(model, 1)
     images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
