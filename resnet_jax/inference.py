@@ -25,6 +25,7 @@ from tqdm import tqdm
 from resnet_jax.convert import head_of, num_classes_of, resolve_arch
 from resnet_jax.data import Loader
 from resnet_jax.errors import UserError
+from resnet_jax.gradcam import gradcam
 from resnet_jax.metadata import ModelMetadata, check_metadata, read_metadata
 from resnet_jax.models import ResNet
 from resnet_jax.registry import IMAGENET_EVAL, EvalTransform
@@ -48,6 +49,7 @@ class Prediction:
 
     image: str
     probs: np.ndarray  # (num_classes,) float32
+    cam: np.ndarray | None = None  # (h, w) Grad-CAM map of the top class, in [0, 1]
 
     def ranked(self, top_k: int | None = None) -> list[int]:
         """Class indices, most probable first (all of them, or the first `top_k`)."""
@@ -126,6 +128,7 @@ class Predictor:
         self._forward = jax.jit(
             lambda v, x: jax.nn.softmax(eval_logits(model.apply, v, x, transform), axis=-1)
         )
+        self._gradcam = jax.jit(lambda v, x: gradcam(model, v, x, transform))
 
     @property
     def image_size(self) -> int:
@@ -185,9 +188,12 @@ class Predictor:
         batch_size: int = 32,
         on_skip: Callable[[BadImage], None] | None = None,
         progress: bool | None = None,
+        cam: bool = False,
     ) -> list[Prediction]:
         """Predict each readable image in `paths`, in order; `on_skip` gets each unreadable one
-        (default: raise). Batches have one size, min(batch_size, len(paths)): one compilation."""
+        (default: raise). Batches have one size, min(batch_size, len(paths)): one compilation.
+        `cam`: also each image's Grad-CAM map (`gradcam.gradcam`), from the same forward pass.
+        `progress` (default: from PROGRESS_THRESHOLD images on): a bar on stderr."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, not {batch_size}.")
         if not paths:
@@ -201,17 +207,20 @@ class Predictor:
         pending: tuple[list[str], Any, np.ndarray] | None = None
 
         def collect() -> None:
-            names, probs, mask = pending
-            results.extend(Prediction(n, p) for n, p in zip(names, np.asarray(probs)[mask]))
+            names, out, mask = pending
+            probs, maps = out if cam else (out, None)
+            maps = np.asarray(maps)[mask] if cam else [None] * len(names)
+            results.extend(map(Prediction, names, np.asarray(probs)[mask], maps))
 
         show = len(paths) >= PROGRESS_THRESHOLD if progress is None else progress
         with tqdm(total=len(paths), disable=not show, unit="img", file=sys.stderr) as bar:
             for rows, batch in zip(loader.indices(0), loader.epoch(0)):
                 mask = batch["mask"]
-                probs = self._forward(self.variables, batch["image"])  # asynchronous dispatch
+                forward = self._gradcam if cam else self._forward
+                out = forward(self.variables, batch["image"])  # asynchronous dispatch
                 if pending is not None:
                     collect()  # the previous batch, while this one runs
-                pending = ([source.name(i) for i in rows[mask]], probs, mask)
+                pending = ([source.name(i) for i in rows[mask]], out, mask)
                 bar.update(int(np.sum(rows >= 0)))
             if pending is not None:
                 collect()

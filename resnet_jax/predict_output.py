@@ -1,4 +1,5 @@
-"""How predictions are shown: the original script's lines, JSON/CSV records, titled images."""
+"""How predictions are shown: the original script's lines, JSON/CSV records, titled images and
+Grad-CAM heat maps."""
 
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ from typing import Any
 
 from resnet_jax import transforms
 from resnet_jax.errors import UserError
-from resnet_jax.files import atomic_write
+from resnet_jax.files import atomic_write, write_error
+from resnet_jax.gradcam import upsample
 from resnet_jax.inference import Prediction
+from resnet_jax.registry import EvalTransform
 
-__all__ = ["ORIGINAL_LINE", "ORIGINAL_TITLE", "ORIGINAL_TOP_K", "check_output_path",
-           "check_plot_path", "format_text", "plot", "to_records", "write_output"]  # fmt: skip
+__all__ = ["CAM_SUFFIX", "ORIGINAL_LINE", "ORIGINAL_TITLE", "ORIGINAL_TOP_K", "check_cam_dir",
+           "check_output_path", "check_plot_path", "format_text", "plot", "save_cams",
+           "to_records", "write_output"]  # fmt: skip
 
 ORIGINAL_TOP_K = 5  # rows printed per image for heads with more than 10 classes
 ORIGINAL_LINE = "class: {:10} prob: {:.3}"  # the original predict.py's printed line
 ORIGINAL_TITLE = "class: {} prob: {:.3}"  # and its plot title
 OUTPUT_SUFFIXES = (".csv", ".json")
+CAM_SUFFIX = ".cam.png"  # tulip.jpg -> tulip.cam.png
+CAM_ALPHA = 0.4  # opacity of the heat map over the image
 
 
 def format_text(
@@ -82,13 +88,18 @@ def write_output(path: str | os.PathLike, records: list[dict[str, Any]]) -> None
         f.write(text)
 
 
-def _pyplot(show: bool) -> Any:
+def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
         raise UserError(
             "Plotting needs matplotlib; install it with `pip install resnet_jax[plot]`."
         ) from None
+    return matplotlib
+
+
+def _pyplot(show: bool) -> Any:
+    matplotlib = _matplotlib()
     if not show:
         matplotlib.use("Agg")  # write the file without needing a display
     import matplotlib.pyplot as plt
@@ -140,11 +151,67 @@ def plot(
         ax.set_title(ORIGINAL_TITLE.format(classes[top], float(p.probs[top])))
     fig.tight_layout()
     if save_path is not None:
-        suffix = _plot_format(save_path)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=suffix)
-        with atomic_write(save_path, mode="wb") as f:
-            f.write(buffer.getvalue())
+        _save_figure(fig, save_path)
     if show:
         plt.show()
     plt.close(fig)
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=_plot_format(path))
+    with atomic_write(path, mode="wb") as f:
+        f.write(buffer.getvalue())
+
+
+def check_cam_dir(folder: str | os.PathLike) -> None:
+    """UserError, before any work, if matplotlib is missing or the --cam folder cannot be made;
+    creates the folder."""
+    _matplotlib()
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder, e) from None
+
+
+def _cam_names(predictions: Sequence[Prediction]) -> list[str]:
+    """`<stem>.cam.png` per image; a stem seen before gets `-2`, `-3`, ... (a/x.jpg, b/x.jpg)."""
+    names, seen = [], set()
+    for p in predictions:
+        stem, n = Path(p.image).stem, 1
+        while (name := stem + (f"-{n}" if n > 1 else "") + CAM_SUFFIX) in seen:
+            n += 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def save_cams(
+    predictions: Sequence[Prediction],
+    classes: Sequence[str],
+    folder: str | os.PathLike,
+    transform: EvalTransform,
+) -> list[Path]:
+    """For each prediction with a Grad-CAM map: the eval-cropped image the model saw, its map
+    upsampled and overlaid (jet colormap), titled with the top class, as FOLDER/<stem>.cam.png."""
+    _matplotlib()
+    from matplotlib.figure import Figure  # drawn without pyplot: no display, no global state
+
+    written = []
+    for p, name in zip(predictions, _cam_names(predictions)):
+        if p.cam is None:
+            raise ValueError(f"{p.image} has no Grad-CAM map; predict with cam=True.")
+        image = transforms.load_rgb(p.image)
+        crop = transforms.eval_transform_uint8(image, transform.crop_size, transform.resize_size)
+        top = p.ranked(1)[0]
+        fig = Figure(figsize=(4, 4.3))
+        ax = fig.subplots()
+        ax.imshow(crop)
+        ax.imshow(upsample(p.cam, transform.crop_size), cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
+        ax.set_title(ORIGINAL_TITLE.format(classes[top], float(p.probs[top])))
+        ax.axis("off")
+        fig.tight_layout()
+        path = Path(folder) / name
+        _save_figure(fig, path)
+        written.append(path)
+    return written

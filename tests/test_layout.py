@@ -24,7 +24,7 @@ LAYERS = [
         "confusion",
         "tensorboard",
     },
-    {"trainer", "inference", "predict_output"},
+    {"trainer", "gradcam", "inference", "predict_output"},
     {"cli"},
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

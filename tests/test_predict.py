@@ -417,3 +417,71 @@ def test_wrong_but_plausible_inputs_are_refused_before_any_work(setup, tmp_path,
     status, out, err = _run_main(capsys, image, "--weights", diverged, "--json")
     assert status == 1 and out == ""
     _one_error_line(err, "diverged.msgpack", "not finite")
+
+
+def test_cam_writes_one_titled_png_per_image_and_leaves_stdout_as_it_was(setup, tmp_path, capsys):
+    folder, weights = setup["folder"], setup["weights"]
+    plain = _run_main(capsys, folder, "--weights", weights, "--batch-size", "2")
+    cams = tmp_path / "cams"
+    status, out, err = _run_main(
+        capsys, folder, "--weights", weights, "--batch-size", "2", "--cam-dir", cams
+    )
+    assert (status, out) == plain[:2]  # the same predictions, the same lines
+    assert f"Grad-CAM: 3 images written to {cams}" in err
+    written = sorted(p.name for p in cams.iterdir())
+    assert written == ["img0.cam.png", "img1.cam.png", "img2.cam.png"]
+    for path in cams.iterdir():
+        assert Image.open(path).format == "PNG"
+
+
+def test_cam_maps_come_with_the_predictions(setup, predictor):
+    paths = setup["images"]
+    with_cam = predictor.predict_files(paths, batch_size=2, cam=True)
+    without = predictor.predict_files(paths, batch_size=2)
+    for a, b in zip(with_cam, without):
+        assert a.image == b.image and b.cam is None
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        assert a.cam.shape == (7, 7) and a.cam.max() == 1.0 and a.cam.min() >= 0.0
+
+
+def test_cam_file_names_are_unique():
+    predictions = [Prediction(p, np.ones(2)) for p in ["a/x.jpg", "b/x.png", "c/y.jpg", "x.jpg"]]
+    assert predict_output._cam_names(predictions) == [
+        "x.cam.png", "x-2.cam.png", "y.cam.png", "x-3.cam.png"
+    ]  # fmt: skip
+
+
+def test_cam_dir_that_cannot_be_made_is_refused_before_any_work(setup, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    status, out, err = _run_main(
+        capsys, setup["images"][0], "--weights", setup["weights"], "--cam-dir", blocker / "cams"
+    )
+    assert status == 1 and out == ""
+    _one_error_line(err, str(blocker / "cams"))
+
+
+def test_progress_bar_on_stderr_only(setup, predictor, capsys, monkeypatch):
+    predictor.predict_files(setup["images"], batch_size=2, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "3/3" in err
+    predictor.predict_files(setup["images"], batch_size=2)  # few images: no bar
+    assert capsys.readouterr() == ("", "")
+
+    monkeypatch.setattr(inference, "PROGRESS_THRESHOLD", 3)
+    status, out, err = _run_main(capsys, *setup["images"], "--weights", setup["weights"])
+    assert status == 0 and "3/3" in err and "3/3" not in out
+    assert all(line.startswith(("class: ", str(setup["folder"]))) for line in out.splitlines())
+
+
+@pytest.mark.slow
+def test_cli_cam_writes_into_gradcam_by_default(setup, tmp_path):
+    image = setup["images"][1]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), str(image), "--weights", str(setup["weights"]),
+         "--cam"],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == len(CLASSES)
+    assert Image.open(tmp_path / "gradcam" / "img1.cam.png").format == "PNG"

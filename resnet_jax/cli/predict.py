@@ -8,9 +8,10 @@ import sys
 
 from resnet_jax.cli import run
 
-__all__ = ["EXIT_SKIPPED", "main", "parse_args", "predict"]
+__all__ = ["DEFAULT_CAM_DIR", "EXIT_SKIPPED", "main", "parse_args", "predict"]
 
 EXIT_SKIPPED = 2  # some images were predicted, unreadable ones skipped
+DEFAULT_CAM_DIR = "gradcam"  # where --cam writes, relative to the working directory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--json", action="store_true", help="print one JSON document")
     add("--plot", action="store_true", help="show the images with their top class")
     add("--save-plot", metavar="FILE", help="write that figure to FILE (.png, .pdf)")
+    add(
+        "--cam",
+        action="store_true",
+        help="also draw each image's Grad-CAM heat map of its top class (over layer4), one PNG "
+        "per image, IMAGE_STEM.cam.png in --cam-dir",
+    )
+    add(
+        "--cam-dir",
+        metavar="DIR",
+        help="folder for the --cam PNGs (default: gradcam); implies --cam",
+    )
     add("--output", metavar="FILE", help="also write the results to FILE.csv or FILE.json")
     add("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     add(
@@ -66,6 +78,9 @@ def predict(args: argparse.Namespace) -> int:
         show.check_output_path(args.output)
     if args.plot or args.save_plot:
         show.check_plot_path(args.save_plot, args.plot)  # before the slow part
+    cam_dir = args.cam_dir or (DEFAULT_CAM_DIR if args.cam else None)
+    if cam_dir is not None:
+        show.check_cam_dir(cam_dir)
     paths = find_images(args.images)
 
     enable_compilation_cache()  # a second run with the same batch shape skips compilation
@@ -78,7 +93,9 @@ def predict(args: argparse.Namespace) -> int:
 
     # One image on its own fails the run; among several, a bad one is reported and skipped.
     on_skip_or_raise = on_skip if len(paths) > 1 else None
-    predictions = predictor.predict_files(paths, args.batch_size, on_skip_or_raise)
+    predictions = predictor.predict_files(
+        paths, args.batch_size, on_skip_or_raise, cam=cam_dir is not None
+    )
     if not predictions:
         raise UserError(f"None of the {len(paths)} images could be read; see the lines above.")
 
@@ -91,6 +108,9 @@ def predict(args: argparse.Namespace) -> int:
         show.write_output(args.output, show.to_records(predictions, classes, args.top_k))
     if args.plot or args.save_plot:
         show.plot(predictions, classes, args.save_plot, show=args.plot)
+    if cam_dir is not None:
+        written = show.save_cams(predictions, classes, cam_dir, predictor.transform)
+        print(f"Grad-CAM: {len(written)} images written to {cam_dir}", file=sys.stderr)
     if skipped:
         print(
             f"{len(skipped)} of {len(paths)} images could not be read and were skipped.",
