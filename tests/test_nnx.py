@@ -142,6 +142,34 @@ def test_adam_steps_equal_the_linen_train_step_in_float64(
     assert worst[1] <= 1e-9, worst
 
 
+def test_frozen_stages_stay_bit_identical_under_nnx_optimizer(resnet18_file):
+    """frozen_stages reaches the Linen model, and optim.make_optimizer's frozen labels work on
+    the nnx.State that nnx.Optimizer hands to optax: AdamW's decay touches only layer4 and fc."""
+    variables = load_variables(resnet18_file)
+    model = rnnx.create_model("resnet18", num_classes=5, frozen_stages=3, variables=variables)
+    model.train()
+    tx = optim.make_optimizer("adamw", 1e-2, 0.5, frozen_stages=3)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, images, labels):
+        def loss_fn(model):
+            return jnp.mean(steps.cross_entropy(model(normalize(images)), labels))
+
+        optimizer.update(model, nnx.grad(loss_fn)(model))
+
+    batch = random_batches(1)[0]
+    step(model, optimizer, batch["image"], batch["label"])
+    after = rnnx.to_linen_variables(model)
+    for collection, trained in (
+        ("params", {"layer4_0", "layer4_1", "fc"}),
+        ("batch_stats", {"layer4_0", "layer4_1"}),
+    ):
+        same = jax.tree.map(np.array_equal, after[collection], variables[collection])
+        changed = {name for name, tree in same.items() if not all(jax.tree.leaves(tree))}
+        assert changed == trained, collection
+
+
 @pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
 def test_variables_round_trip_through_every_format(suffix, tmp_path, resnet18_file, flat):
     variables = load_variables(resnet18_file)
