@@ -29,6 +29,7 @@ class ResNet(nnx.Module):
 
     It starts in eval mode (running BatchNorm statistics); `train()` switches to batch
     statistics and updates the running ones as torch does, `eval()` switches back.
+    `create_model` checks the variables against the architecture; this constructor does not.
     """
 
     def __init__(self, linen: models.ResNet, variables: Mapping[str, Any]):
