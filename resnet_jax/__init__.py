@@ -1,7 +1,7 @@
 """resnet_jax: torchvision's ResNet and ResNeXt family in JAX/Flax, weights included.
 
 The names below are loaded on first use, so that `import resnet_jax.cli` (and `--help`) does
-not wait for JAX.
+not wait for JAX. `resnet_jax.nnx` (the models as Flax NNX modules) is loaded on first use too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _EXPORTS = {
     **dict.fromkeys(("ARCHITECTURES", "Architecture", "get_architecture"), "registry"),
     **dict.fromkeys(("load_variables", "save_variables"), "weights"),
 }  # fmt: skip
+# Submodules reachable as attributes without an import (not in __all__: `nnx` would shadow flax's).
+_SUBMODULES = ("nnx",)
 
 __all__ = [
     "ARCHITECTURES",
@@ -60,6 +62,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"resnet_jax.{name}")  # the import sets the attribute
     if name not in _EXPORTS:
         raise AttributeError(f"module 'resnet_jax' has no attribute '{name}'")
     value = getattr(importlib.import_module(f"resnet_jax.{_EXPORTS[name]}"), name)
@@ -68,4 +72,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
-from flax import traverse_util
 
 from resnet_jax.errors import check_choice
 from resnet_jax.models import FC_STAGE
@@ -60,9 +60,10 @@ def stage_of(module: str) -> int:
 
 
 def param_labels(params: Any, frozen_stages: int) -> Any:
-    """A tree like `params` with 'frozen' or 'trained' at each leaf."""
-    return traverse_util.path_aware_map(
-        lambda path, _: "frozen" if stage_of(path[0]) <= frozen_stages else "trained", params
+    """A tree like `params` (Linen's dicts, or the nnx.State that nnx.Optimizer passes) with
+    'frozen' or 'trained' at each leaf."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if stage_of(path[0].key) <= frozen_stages else "trained", params
     )
 
 

@@ -166,7 +166,9 @@ def normalize(
         return table[x, _CHANNELS]
     import jax.numpy as jnp  # only for JAX input, so data-loading processes never import JAX
 
-    return jnp.asarray(table)[x, _CHANNELS]
+    # A fresh jnp index, not _CHANNELS: JAX caches a NumPy constant's conversion, and an int32
+    # copy made before `jax.enable_x64` breaks indexing inside it (TypeError int32 vs int64).
+    return jnp.asarray(table)[x, jnp.arange(3)]
 
 
 def preprocess(image: Image.Image, image_size: int = 224) -> np.ndarray:

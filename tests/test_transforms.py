@@ -133,6 +133,14 @@ def test_normalize_on_jax_inside_jit():
     )
 
 
+def test_normalize_in_jit_after_switching_on_x64():
+    """Traced once in float32 mode, then inside `jax.enable_x64` (as float64 tests do)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    want = np.asarray(jax.jit(T.normalize)(pixels))
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(np.asarray(jax.jit(T.normalize)(pixels)), want)
+
+
 def test_normalize_rejects_float_input():
     with pytest.raises(TypeError, match="uint8"):
         T.normalize(np.zeros((4, 4, 3), np.float32))
