@@ -27,14 +27,14 @@ COLLECTIONS: dict[str, type[nnx.Variable]] = {"params": nnx.Param, "batch_stats"
 class ResNet(nnx.Module):
     """A Linen ResNet and its variables as one stateful NNX module: NHWC images -> logits.
 
-    It starts in eval mode (running BatchNorm statistics); `train()` switches to batch
-    statistics and updates the running ones as torch does, `eval()` switches back.
+    Like a torch module and `nnx.BatchNorm`, it starts in train mode (batch statistics, the
+    running ones updated as torch does); `eval()` switches to the running statistics.
     `create_model` checks the variables against the architecture; this constructor does not.
     """
 
     def __init__(self, linen: models.ResNet, variables: Mapping[str, Any]):
         self.linen = linen  # static: the architecture that __call__ applies
-        self.use_running_average = True  # the attribute nnx.Module.eval() / train() set
+        self.use_running_average = False  # the attribute nnx.Module.eval() / train() set
         layers = {
             path: kind(jnp.asarray(value))
             for collection, kind in COLLECTIONS.items()

@@ -53,7 +53,8 @@ def test_eval_and_train_mode_equal_linen(
         name, randomised_torch_model, numpy_state_dict, resnet18_file
     )
     x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
-    assert model.use_running_average  # eval mode from the start
+    assert not model.use_running_average  # train mode from the start, as in torch
+    model.eval()
     want = jax.jit(partial(linen.apply, train=False))(variables, x)
     assert relative_error(forward(model, x), want) <= 1e-6
 
