@@ -13,6 +13,7 @@ import http.client
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ from resnet_jax.registry import ARCHITECTURES, get_architecture, sha256_prefix
 from resnet_jax.torch_format import load_torch_state_dict
 
 __all__ = [
+    "WEIGHT_SUFFIXES",
     "WEIGHT_URLS",
     "convert_file",
+    "convert_folder",
     "load_variables",
     "pretrained_path",
     "save_variables",
@@ -50,6 +53,7 @@ __all__ = [
 # torchvision's IMAGENET1K_V1 weights by architecture (kept as a name; the registry holds them).
 WEIGHT_URLS: dict[str, str] = {name: a.weights.url for name, a in ARCHITECTURES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".msgpack")  # what load_variables reads
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails fast
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
 
@@ -237,3 +241,39 @@ def convert_file(
         check_metadata(metadata, arch, num_classes_of(variables), head_of(variables), src)
     save_variables(dst, variables, metadata)
     return arch, sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+
+
+def convert_folder(
+    src: str | os.PathLike, dst: str | os.PathLike, suffix: str, arch: str | None = None
+) -> Iterator[tuple[Path, Path, tuple[str, int] | UserError]]:
+    """Convert every weights file in folder `src` to `dst/<name><suffix>`, with a progress bar.
+
+    Yields (source, destination, `convert_file`'s result or the UserError that stopped that
+    file): one bad file does not stop the others.
+    """
+    src, dst = Path(src), Path(dst)
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    if not files:
+        raise UserError(
+            f"{src} holds no weights file ({', '.join(WEIGHT_SUFFIXES)}); give a folder of them "
+            "or one file."
+        )
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} is a file; give a folder to convert the folder {src} into.")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the folder {dst} ({e.strerror or e}).") from None
+    written: dict[Path, Path] = {}  # destination -> the source converted into it
+    for path in tqdm(files, desc="convert", unit="file", disable=None):
+        target = dst / (path.stem + suffix)
+        try:
+            if target in written:  # r18.pth and r18.safetensors both give r18.msgpack
+                raise UserError(
+                    f"{path} would overwrite {target}, converted from {written[target]}; "
+                    "convert it alone with another name."
+                )
+            yield path, target, convert_file(path, target, arch)
+            written[target] = path
+        except UserError as e:
+            yield path, target, e

@@ -408,3 +408,54 @@ def test_convert_weights_cli_errors_are_one_line(tmp_path):
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "out.msgpack").exists()
+
+
+def test_convert_folder_converts_each_file_and_reports_the_bad_ones(tmp_path, flat):
+    src = tmp_path / "src"
+    src.mkdir()
+    model = torchvision.models.resnet18(num_classes=3)
+    torch.save(model.state_dict(), src / "a.pth")
+    save_variables(src / "b.msgpack", load_variables(src / "a.pth"))
+    save_variables(src / "a.safetensors", load_variables(src / "a.pth"))  # a.msgpack again
+    (src / "broken.pth").write_bytes(b"not a checkpoint")
+    (src / "notes.txt").write_text("not weights")
+    results = list(weights.convert_folder(src, tmp_path / "out", ".msgpack"))
+    assert [(s.name, d.name) for s, d, _ in results] == [
+        ("a.pth", "a.msgpack"),
+        ("a.safetensors", "a.msgpack"),
+        ("b.msgpack", "b.msgpack"),
+        ("broken.pth", "broken.msgpack"),
+    ]
+    outcome = {s.name: r for s, _, r in results}
+    assert outcome["a.pth"] == ("resnet18", 11_178_051) == outcome["b.msgpack"]
+    assert "would overwrite" in str(outcome["a.safetensors"])
+    assert isinstance(outcome["broken.pth"], UserError)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.msgpack", "b.msgpack"]
+    want = flat(load_variables(src / "a.pth"))
+    got = flat(load_variables(tmp_path / "out" / "a.msgpack"))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_convert_folder_without_weights_is_one_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(UserError, match="holds no weights file"):
+        list(weights.convert_folder(tmp_path, tmp_path / "out", ".msgpack"))
+    (tmp_path / "a.pth").write_bytes(b"x")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        list(weights.convert_folder(tmp_path, tmp_path / "taken", ".msgpack"))
+
+
+@pytest.mark.slow
+def test_convert_weights_cli_folder(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), src / "r18.pth")
+    (src / "broken.pth").write_bytes(b"not a checkpoint")
+    done = run_convert_cli(str(src), str(tmp_path / "out"), "--format", ".safetensors")
+    assert done.returncode == 2, done.stderr
+    line = f"{src / 'r18.pth'} -> {tmp_path / 'out' / 'r18.safetensors'}: resnet18, 11,178,051"
+    assert done.stdout.strip().splitlines() == [line + " parameters"]
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "broken.pth" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["r18.safetensors"]
