@@ -8,6 +8,10 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
 - train: images/s of one step (forward, backward, Adam, BatchNorm in train mode). Ours is the
   step train.py runs (`DataParallel.jit_train_step` on uint8 images normalised on the device);
   torchvision's is eager with torch.optim.Adam and cross-entropy, in NCHW and channels_last.
+  Each side trains in a fresh process of its own, as a user runs it, the processes alternating
+  (`--rounds` of them): in a shared process, torch's channels_last step ran 13% faster whenever
+  an eager step ran between its steps (resnet50: 2.41 s against 2.78 s alone), which no user
+  of one of them gets.
 - eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: uint8
   images normalised on the device, jitted softmax, result copied to the host) against torch
   under inference_mode from float input.
@@ -162,6 +166,28 @@ def torch_predict(arch: str, batch: int, size: int, channels_last: bool) -> Call
 # Fresh-process measurements
 
 
+TRAIN_SIDES = ("jax", "torch", "torch-cl")  # ours, torch eager NCHW, torch channels_last
+
+
+def train_worker(side: str, arch: str, batch: int, size: int, repeats: int) -> dict:
+    """Runs in a subprocess: the median seconds of one side's train step, after two warm-ups."""
+    if side == "jax":
+        run = jax_train_step(arch, batch, size)
+    else:
+        run = torch_train_step(arch, batch, size, channels_last=side == "torch-cl")
+    return {"step_s": timed([run], repeats)[0]}
+
+
+def isolated_train_steps(arch: str, batch: int, size: int, repeats: int, rounds: int) -> list:
+    """Median train-step seconds of each of TRAIN_SIDES, each in its own processes, alternating."""
+    times: dict[str, list[float]] = {side: [] for side in TRAIN_SIDES}
+    for _ in range(rounds):
+        for side in TRAIN_SIDES:
+            cmd = ["--train-worker", side, "--repeats", str(repeats)]
+            times[side].append(in_subprocess(cmd, arch, batch, size)["step_s"])
+    return [statistics.median(times[side]) for side in TRAIN_SIDES]
+
+
 def worker(kind: str, arch: str, batch: int, size: int) -> dict:
     """Runs in a subprocess: first-step seconds and memory of one side."""
     if kind == "jax":
@@ -183,9 +209,12 @@ def worker(kind: str, arch: str, batch: int, size: int) -> dict:
     return {"steps_s": steps, "peak_rss_mb": memory_mb("VmHWM"), "baseline_rss_mb": baseline}
 
 
-def in_subprocess(kind: str, arch: str, batch: int, size: int, cache: str) -> dict:
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache}
-    cmd = [sys.executable, __file__, "--worker", kind, "--archs", arch]
+def in_subprocess(
+    args: list[str], arch: str, batch: int, size: int, cache: str | None = None
+) -> dict:
+    """This script run with `args` in a fresh process; its last line of output, as JSON."""
+    env = {**os.environ, **({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {})}
+    cmd = [sys.executable, __file__, *args, "--archs", arch]
     cmd += ["--batch", str(batch), "--image-size", str(size)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -210,13 +239,8 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
     """Rows (measure, ours, torch eager, torch channels_last) for one architecture."""
     b, s, r = args.batch, args.image_size, args.repeats
     rows = []
-    sides = [
-        jax_train_step(arch, b, s),
-        torch_train_step(arch, b, s, False),
-        torch_train_step(arch, b, s, True),
-    ]
-    rows.append(("train images/s", *(b / t for t in timed(sides, r))))
-    del sides
+    train = isolated_train_steps(arch, b, s, r, args.rounds)
+    rows.append(("train images/s", *(b / t for t in train)))
     for n in (args.batch, args.eval_batch):
         sides = [jax_predict(arch, n, s), torch_predict(arch, n, s, False)]
         sides.append(torch_predict(arch, n, s, True))
@@ -227,9 +251,9 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
 
     if not args.skip_subprocess:
         with tempfile.TemporaryDirectory() as cache:
-            cold = in_subprocess("jax", arch, b, s, cache)
-            warm = in_subprocess("jax", arch, b, s, cache)
-        theirs = in_subprocess("torch", arch, b, s, cache)
+            cold = in_subprocess(["--worker", "jax"], arch, b, s, cache)
+            warm = in_subprocess(["--worker", "jax"], arch, b, s, cache)
+        theirs = in_subprocess(["--worker", "torch"], arch, b, s, cache)
         first = theirs["steps_s"][0]
         rows.append(("first step s (cold cache)", cold["steps_s"][0], first, 0))
         rows.append(("first step s (warm cache)", warm["steps_s"][0], first, 0))
@@ -264,12 +288,19 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, 3 repeats")
     parser.add_argument("--skip-subprocess", action="store_true", help="no first-step/RSS/train.py")
+    parser.add_argument("--rounds", type=int, default=2, help="train processes per side")
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--train-worker", choices=TRAIN_SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.archs, args.image_size, args.repeats, args.trainer_steps = ["resnet18"], 64, 3, 3
+        args.rounds = 1
     if args.worker:
         print(json.dumps(worker(args.worker, args.archs[0], args.batch, args.image_size)))
+        return
+    if args.train_worker:
+        side, arch = args.train_worker, args.archs[0]
+        print(json.dumps(train_worker(side, arch, args.batch, args.image_size, args.repeats)))
         return
 
     import jax
@@ -279,8 +310,8 @@ def main() -> None:
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {CORES} cores), torch "
           f"{torch.__version__} ({CORES} threads), batch {args.batch}, {args.image_size} px, "
-          f"median of {args.repeats}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"convolutions: {conv_path()} (RESNET_JAX_CONV)")  # fmt: skip
+          f"median of {args.repeats} (train: {args.rounds} processes per side); "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; convolutions: {conv_path()} (RESNET_JAX_CONV)")  # fmt: skip
     print(f"{'arch':16} {'measure':30} {'ours':>10}{'torch':>10}{'torch CL':>10} "
           f"{'vs torch':>9}{'vs CL':>9}")  # fmt: skip
     for arch in args.archs:
