@@ -6,14 +6,15 @@
 // the chosen implementation wants, which costs little beside the convolution itself.
 //
 // Primitive descriptors are slow to build (implementation search), so each shape's primitives
-// are built once and kept in a map guarded by a mutex. Each thread brings its own scratchpad,
-// so XLA may run two convolutions at once.
+// are built once and kept in a map guarded by a mutex. XLA calls the handlers from several
+// threads; each brings its own scratchpad.
 //
-// Threads: oneDNN runs on its OpenMP team (one thread per core) beside XLA's own thread pool.
-// Measured on the shared 2-core machine (ResNet-34 training step, process CPU time, alternating
-// with XLA's path in one process): 3.72 s with the team, 3.73 s with oneDNN single-threaded in
-// each of two threads that share batch slices, against XLA's 4.86-4.88 s; wall time was too
-// noisy under the load to separate the two, so the simpler one stayed.
+// Threads: oneDNN runs on its OpenMP team (one thread per core) beside XLA's own thread pool,
+// and one convolution runs at a time (a mutex): when XLA starts two independent ones at once
+// (an input and a kernel gradient), two OpenMP teams would share the cores. Measured on the
+// 2-core machine, resnet50 train step, fresh processes alternating, 5 rounds: 2.80 s with the
+// mutex against 2.89 s without (each round faster). Earlier, for ResNet-34: oneDNN single-
+// threaded in each of two threads gave the same process CPU time as the team (3.73 / 3.72 s).
 
 #include <cstdint>
 #include <map>
@@ -170,6 +171,8 @@ ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
     memory xs(Activations(g.n, g.h, g.w, g.c), Engine(), x);
     memory ys(Activations(g.n, g.ho(), g.wo(), g.o), Engine(), y);
     memory scratch(plan.scratchpad, Engine(), Scratch(workspace, plan.scratchpad.get_size()));
+    static std::mutex one_at_a_time;  // see "Threads" at the top
+    std::lock_guard<std::mutex> serial(one_at_a_time);
     if (pass == Pass::kForward) {
       if (plan.kernel_reorder) plan.kernel_reorder->execute(stream, user_kernel, conv_kernel);
       plan.conv.execute(stream, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, conv_kernel},
