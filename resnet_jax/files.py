@@ -13,7 +13,7 @@ from typing import IO
 
 from resnet_jax.errors import UserError
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "write_error"]
+__all__ = ["atomic_write", "make_folder", "remove_stale_temporaries", "write_error"]
 
 TEMPORARY_SUFFIX = ".tmp"
 # `.best.msgpack.k2j4_x9a.tmp`: mkstemp's eight random characters between name and suffix.
@@ -38,6 +38,14 @@ def write_error(path: str | os.PathLike, error: OSError) -> UserError:
     """The one-line UserError for an OSError met while writing `path`."""
     advice = _ADVICE.get(error.errno, f"{error.strerror or error}; check the path and try again")
     return UserError(f"Cannot write {path}: {advice}.")
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """Create the folder `path` (and its parents) if missing; a refusal is write_error's line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 from resnet_jax import transforms
 from resnet_jax.errors import UserError
-from resnet_jax.files import atomic_write, write_error
+from resnet_jax.files import atomic_write, make_folder
 from resnet_jax.gradcam import upsample
 from resnet_jax.inference import Prediction
 from resnet_jax.registry import EvalTransform
@@ -168,10 +168,7 @@ def check_cam_dir(folder: str | os.PathLike) -> None:
     """UserError, before any work, if matplotlib is missing or the --cam folder cannot be made;
     creates the folder."""
     _matplotlib()
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(folder, e) from None
+    make_folder(folder)
 
 
 def _cam_names(predictions: Sequence[Prediction]) -> list[str]:

@@ -29,7 +29,7 @@ from resnet_jax.config import DTYPES, RUN_KEYS, TrainConfig, resolve
 from resnet_jax.confusion import class_accuracy, confusion_png
 from resnet_jax.data import Loader, open_datasets
 from resnet_jax.errors import UserError
-from resnet_jax.files import remove_stale_temporaries, write_error
+from resnet_jax.files import make_folder, remove_stale_temporaries
 from resnet_jax.metadata import ModelMetadata
 from resnet_jax.models import ResNet, create_model, init_variables
 from resnet_jax.optim import frozen_stages, make_optimizer, make_schedule
@@ -186,10 +186,7 @@ def _check_output_dir(out: Path, config: TrainConfig) -> list[str]:
 def _make_output_dir(out: Path, replaced: list[str]) -> None:
     """Create `out`; delete the outputs --overwrite replaces and what a write killed midway
     left behind."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(out, e) from None
+    make_folder(out)
     for name in replaced:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -33,7 +33,7 @@ from resnet_jax.convert import (
     torch_to_flax,
 )
 from resnet_jax.errors import UserError
-from resnet_jax.files import atomic_write
+from resnet_jax.files import atomic_write, make_folder
 from resnet_jax.hub import hub_weights_path, is_hub_ref, show_download_progress
 from resnet_jax.metadata import METADATA_KEY, ModelMetadata, check_metadata, read_metadata
 from resnet_jax.registry import ARCHITECTURES, get_architecture, sha256_prefix
@@ -260,10 +260,7 @@ def convert_folder(
         )
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst} is a file; give a folder to convert the folder {src} into.")
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"Cannot create the folder {dst} ({e.strerror or e}).") from None
+    make_folder(dst)
     written: dict[Path, Path] = {}  # destination -> the source converted into it
     for path in tqdm(files, desc="convert", unit="file", disable=None):
         target = dst / (path.stem + suffix)

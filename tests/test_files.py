@@ -6,7 +6,7 @@ import os
 import pytest
 
 from resnet_jax.errors import UserError
-from resnet_jax.files import atomic_write, remove_stale_temporaries
+from resnet_jax.files import atomic_write, make_folder, remove_stale_temporaries
 
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
@@ -67,3 +67,13 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     mine.write_text("keep")
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert sorted(os.listdir(tmp_path)) == [".notes.tmp"]
+
+
+def test_make_folder_creates_parents_and_refuses_in_one_line(tmp_path):
+    make_folder(tmp_path / "a" / "b")
+    make_folder(tmp_path / "a" / "b")  # already there: nothing to do
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(UserError, match="part of its folder path is a file") as error:
+        make_folder(tmp_path / "plain" / "sub")
+    assert "\n" not in str(error.value)
