@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         from resnet_jax.weights import convert_file, convert_folder
 
         if not Path(args.src).is_dir():
-            arch, n_params = convert_file(args.src, args.dst, args.arch)
-            print(f"{args.src} -> {args.dst}: {arch}, {n_params:,} parameters")
-            return 0
+            results = [(args.src, args.dst, convert_file(args.src, args.dst, args.arch))]
+        else:
+            results = convert_folder(args.src, args.dst, args.format, args.arch)
         failed = 0
-        for src, dst, result in convert_folder(args.src, args.dst, args.format, args.arch):
+        for src, dst, result in results:
             if isinstance(result, Exception):
                 failed += 1
                 print(f"error: {result}", file=sys.stderr)
