@@ -311,7 +311,8 @@ def main() -> None:
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {CORES} cores), torch "
           f"{torch.__version__} ({CORES} threads), batch {args.batch}, {args.image_size} px, "
           f"median of {args.repeats} (train: {args.rounds} processes per side); "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; convolutions: {conv_path()} (RESNET_JAX_CONV)")  # fmt: skip
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"convolutions: {conv_path()} (RESNET_JAX_CONV)")  # fmt: skip
     print(f"{'arch':16} {'measure':30} {'ours':>10}{'torch':>10}{'torch CL':>10} "
           f"{'vs torch':>9}{'vs CL':>9}")  # fmt: skip
     for arch in args.archs:
