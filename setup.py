@@ -1,8 +1,9 @@
-"""Builds the optional oneDNN convolution extension (csrc/, see resnet_jax/kernels.py).
+"""Builds the optional CPU extension (csrc/, see resnet_jax/kernels.py): oneDNN convolutions and
+BatchNorm's sums.
 
 The headers come from the build requirements in pyproject.toml (jax for XLA's FFI API,
 onednn-devel-cpu-gomp for oneDNN). Where they are missing or the compiler fails, the package
-installs without the extension and runs XLA's convolutions.
+installs without the extension and runs XLA's own convolutions and sums.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def onednn_extension() -> list[Extension]:
     if header is None or library is None:
         return []
     extension = Extension(
-        "resnet_jax._onednn_conv",
-        ["csrc/onednn_conv.cc"],
+        "resnet_jax._cpu_kernels",
+        ["csrc/onednn_conv.cc", "csrc/batch_norm.cc"],
         include_dirs=[jax.ffi.include_dir(), str(header.parents[2])],
         library_dirs=[str(library.parent)],
         libraries=["dnnl"],
-        # XLA's FFI headers trip these two warnings in g++ 12; they are not ours.
-        extra_compile_args=["-std=c++17", "-O2", "-Wno-return-type", "-Wno-attributes"],
+        # XLA's FFI headers trip these two warnings in g++ 12; they are not ours. OpenMP: the
+        # BatchNorm sums share GNU OpenMP's threads with oneDNN (the gomp build).
+        extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-Wno-return-type", "-Wno-attributes"],
+        extra_link_args=["-fopenmp"],
         language="c++",
         optional=True,
     )

@@ -29,6 +29,11 @@
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+
+namespace resnet_jax {
+std::mutex& OneAtATime();
+}  // namespace resnet_jax
+
 using tag = dnnl::memory::format_tag;
 
 namespace {
@@ -171,8 +176,7 @@ ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
     memory xs(Activations(g.n, g.h, g.w, g.c), Engine(), x);
     memory ys(Activations(g.n, g.ho(), g.wo(), g.o), Engine(), y);
     memory scratch(plan.scratchpad, Engine(), Scratch(workspace, plan.scratchpad.get_size()));
-    static std::mutex one_at_a_time;  // see "Threads" at the top
-    std::lock_guard<std::mutex> serial(one_at_a_time);
+    std::lock_guard<std::mutex> serial(resnet_jax::OneAtATime());  // see "Threads" at the top
     if (pass == Pass::kForward) {
       if (plan.kernel_reorder) plan.kernel_reorder->execute(stream, user_kernel, conv_kernel);
       plan.conv.execute(stream, {{DNNL_ARG_SRC, xs}, {DNNL_ARG_WEIGHTS, conv_kernel},
@@ -222,6 +226,14 @@ ffi::Error KernelGrad(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dkernel, int64_
 }
 
 }  // namespace
+
+namespace resnet_jax {
+// Held while a convolution or a BatchNorm sum runs its OpenMP team (see "Threads" at the top).
+std::mutex& OneAtATime() {
+  static std::mutex mutex;
+  return mutex;
+}
+}  // namespace resnet_jax
 
 #define CONV_HANDLER(name, fn)                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                             \

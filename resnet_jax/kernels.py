@@ -1,9 +1,10 @@
-"""oneDNN convolutions on CPU: the optional compiled extension (csrc/onednn_conv.cc) via jax.ffi.
+"""The optional compiled CPU extension via jax.ffi: oneDNN convolutions (csrc/onednn_conv.cc)
+and BatchNorm's per-channel sums (csrc/batch_norm.cc).
 
-`pip install -e .` builds `resnet_jax/_onednn_conv*.so` when a C++ compiler and the oneDNN
-wheels are there; without it everything runs on XLA's own convolutions. RESNET_JAX_CONV=xla or
-=onednn forces a path (A/B runs, tests); by default oneDNN runs float32 convolutions on CPU
-when the extension is built. Other platforms and dtypes always take XLA's path.
+`pip install -e .` builds `resnet_jax/_cpu_kernels*.so` when a C++ compiler and the oneDNN
+wheels are there; without it everything runs on XLA's own operations. RESNET_JAX_CONV=xla or
+=onednn forces a path (A/B runs, tests); by default the extension runs float32 convolutions and
+training-mode BatchNorm on CPU when it is built. Other platforms and dtypes take XLA's path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from jax import lax
 
 from resnet_jax.errors import UserError
 
-__all__ = ["ENV", "available", "conv", "conv_path", "onednn_conv", "use_onednn"]
+__all__ = [
+    "ENV",
+    "available",
+    "batch_norm_train",
+    "conv",
+    "conv_path",
+    "onednn_conv",
+    "use_onednn",
+]
 
 ENV = "RESNET_JAX_CONV"
 _PASSES = ("Forward", "InputGrad", "KernelGrad")
@@ -33,7 +42,7 @@ _PASSES = ("Forward", "InputGrad", "KernelGrad")
 def _library_paths() -> list[Path]:
     """The built extension beside this file, for any of this interpreter's suffixes."""
     here = Path(__file__).parent
-    return [here / f"_onednn_conv{s}" for s in importlib.machinery.EXTENSION_SUFFIXES]
+    return [here / f"_cpu_kernels{s}" for s in importlib.machinery.EXTENSION_SUFFIXES]
 
 
 def _preload_onednn() -> None:
@@ -52,20 +61,23 @@ def _load() -> str | None:
     """Registers the FFI targets; returns None on success, else why the extension is unusable."""
     path = next((p for p in _library_paths() if p.exists()), None)
     if path is None:
-        return "the oneDNN extension is not built"
+        return "the CPU extension is not built"
     try:
         _preload_onednn()
         library = ctypes.CDLL(str(path))
     except OSError as e:
-        return f"the oneDNN extension does not load ({e})"
+        return f"the CPU extension does not load ({e})"
     for name in _PASSES:
         handler = jax.ffi.pycapsule(getattr(library, f"OnednnConv{name}"))
         jax.ffi.register_ffi_target(f"resnet_jax_onednn_conv_{name}", handler, platform="cpu")
+    for name in ("Moments", "GradSums"):
+        handler = jax.ffi.pycapsule(getattr(library, f"BatchNorm{name}"))
+        jax.ffi.register_ffi_target(f"resnet_jax_batch_norm_{name}", handler, platform="cpu")
     return None
 
 
 def available() -> bool:
-    """Whether the oneDNN extension is built and loads on this machine."""
+    """Whether the CPU extension is built and loads on this machine."""
     return _load() is None
 
 
@@ -131,5 +143,61 @@ def conv(
         x,
         kernel,
         cpu=lambda x, kernel: onednn_conv(x, kernel, stride, padding, groups),
+        default=fallback,
+    )
+
+
+def _channel_pair(name: str, c: int, *args):
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return jax.ffi.ffi_call(f"resnet_jax_batch_norm_{name}", (out, out))(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Training-mode BatchNorm of float32 NHWC x: (y, batch mean, biased batch variance).
+
+    Both sums of the forward (mean, variance) and of the backward are one pass each through
+    the extension (csrc/batch_norm.cc); the elementwise parts stay with XLA. CPU only.
+    """
+    mean, var = _channel_pair("Moments", x.shape[-1], x)
+    mul = scale * lax.rsqrt(var + epsilon)
+    return x * mul + (bias - mean * mul), mean, var
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    y, mean, var = batch_norm_train(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    dy, dmean, dvar = cotangents
+    n = x.size // x.shape[-1]
+    sum_dy, sum_dy_xc = _channel_pair("GradSums", x.shape[-1], dy, x, mean)
+    inv_std = lax.rsqrt(var + epsilon)
+    # d/dx of scale * (x - mean) * inv_std + bias through the batch mean and variance, plus
+    # what the mean and variance outputs themselves receive.
+    xc = x - mean
+    dx = (scale * inv_std) * (dy - sum_dy / n - xc * (inv_std * inv_std * sum_dy_xc / n))
+    dx = dx + dmean / n + xc * (2 * dvar / n)
+    return dx, sum_dy_xc * inv_std, sum_dy
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+    fallback: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`batch_norm_train` on CPU, `fallback(x, scale, bias)` on other platforms."""
+    return lax.platform_dependent(
+        x,
+        scale,
+        bias,
+        cpu=lambda x, scale, bias: batch_norm_train(x, scale, bias, epsilon),
         default=fallback,
     )

@@ -145,25 +145,37 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (c,), dtype)
 
         if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
+            return _normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
+        if kernels.use_onednn(x.dtype) and scale.dtype == jnp.float32:
+            fallback = partial(_batch_norm_xla, epsilon=self.epsilon)
+            y, mean, var = kernels.batch_norm(x, scale, bias, self.epsilon, fallback)
         else:
-            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            axes = tuple(range(x.ndim - 1))
-            # One pass over x, shifted by one sample per channel: E[d^2] - E[d]^2 with d = x - x0.
-            # Unshifted, float32 cancels when |mean| >> std (wrong variance, wrong gradients).
-            shift = lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
-            d = xf - shift
-            mean_d = jnp.mean(d, axes)
-            mean = shift + mean_d
-            var = jnp.maximum(jnp.mean(jnp.square(d), axes) - jnp.square(mean_d), 0.0)
-            if not self.is_initializing():
-                n = x.size // c
-                m = self.momentum
-                running_mean.value = (1 - m) * running_mean.value + m * mean
-                running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+            y, mean, var = _batch_norm_xla(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n, m = x.size // c, self.momentum
+            running_mean.value = (1 - m) * running_mean.value + m * mean
+            running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+        return y
 
-        mul = scale * lax.rsqrt(var + self.epsilon)
-        return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
+
+def _normalize(x: jax.Array, mean, var, scale, bias, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, computed in x's dtype."""
+    mul = scale * lax.rsqrt(var + epsilon)
+    return x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype)
+
+
+def _batch_norm_xla(x: jax.Array, scale, bias, epsilon: float):
+    """Training-mode BatchNorm with XLA's own reductions: (y, batch mean, biased variance)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    # One pass over x, shifted by one sample per channel: E[d^2] - E[d]^2 with d = x - x0.
+    # Unshifted, float32 cancels when |mean| >> std (wrong variance, wrong gradients).
+    shift = lax.stop_gradient(xf[(0,) * (x.ndim - 1)])
+    d = xf - shift
+    mean_d = jnp.mean(d, axes)
+    mean = shift + mean_d
+    var = jnp.maximum(jnp.mean(jnp.square(d), axes) - jnp.square(mean_d), 0.0)
+    return _normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
 class Downsample(nn.Module):

@@ -1,16 +1,18 @@
-"""The oneDNN convolution extension against XLA's convolution, and the path switch."""
+"""The CPU extension (oneDNN convolutions, BatchNorm sums) against XLA and float64, and the path
+switch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from resnet_jax import UserError, kernels
-from resnet_jax.models import create_model
+from resnet_jax.models import BatchNorm, create_model
 from resnet_jax.ops import conv2d
 
 needs_extension = pytest.mark.skipif(
-    not kernels.available(), reason="the oneDNN extension is not built"
+    not kernels.available(), reason="the CPU extension is not built"
 )
 
 # (input NHWC, kernel size, output channels, stride, padding, groups)
@@ -87,6 +89,78 @@ def test_a_forced_path_that_cannot_run_is_one_clear_error(monkeypatch):
     with pytest.raises(UserError, match="RESNET_JAX_CONV='cudnn' is not a convolution path"):
         kernels.conv_path()
     monkeypatch.setenv(kernels.ENV, "onednn")
-    monkeypatch.setattr(kernels, "_load", lambda: "the oneDNN extension is not built")
+    monkeypatch.setattr(kernels, "_load", lambda: "the CPU extension is not built")
     with pytest.raises(UserError, match="not built: reinstall"):
         kernels.conv_path()
+
+
+# (shape, mean, spread) of BatchNorm inputs: channel counts off the vector width, a mean that
+# dwarfs the spread (float32 E[x^2] - E[x]^2 would lose the variance), a wide layer4-like map.
+BN_CASES = {
+    "plain": ((4, 6, 5, 24), 0.5, 2.0),
+    "odd channels": ((3, 5, 7, 13), -1.0, 0.5),
+    "mean dwarfs spread": ((8, 4, 4, 16), 1000.0, 1.0),
+    "wide": ((2, 3, 3, 2048), 0.0, 1.0),
+}
+
+
+def _float64_batch_norm(x, scale, bias):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    return (x - mean) * lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+
+@needs_extension
+@pytest.mark.parametrize("case", list(BN_CASES))
+def test_batch_norm_and_its_gradients_equal_float64(case, relative_error):
+    shape, loc, spread = BN_CASES[case]
+    c = shape[-1]
+    rng = np.random.default_rng(0)
+    x = (loc + spread * rng.standard_normal(shape)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    # Cotangents for y and for the mean and variance outputs (the running statistics' inputs).
+    cotangents = tuple(rng.standard_normal(s).astype(np.float32) for s in (shape, c, c))
+
+    def ours(x, scale, bias):
+        return kernels.batch_norm_train(x, scale, bias, 1e-5)
+
+    got, vjp = jax.vjp(jax.jit(ours), x, scale, bias)
+    got_grads = vjp(cotangents)
+    with jax.enable_x64(True):
+        wide = [np.asarray(a, np.float64) for a in (x, scale, bias)]
+        want, ref_vjp = jax.vjp(_float64_batch_norm, *wide)
+        want_grads = ref_vjp(tuple(np.asarray(a, np.float64) for a in cotangents))
+        want, want_grads = jax.tree.map(np.asarray, (want, want_grads))
+    # The sums are accumulated in double: mean and variance are float32-rounded float64.
+    assert relative_error(got[1], want[1]) < 1e-6
+    assert relative_error(got[2], want[2]) < 1e-6
+    # y and the gradients go through x - mean in float32, which keeps |mean| / spread times
+    # float32's rounding of x.
+    tolerance = 1e-5 * (1 + abs(loc) / spread)
+    assert relative_error(got[0], want[0]) < tolerance
+    for name, g, w in zip(("x", "scale", "bias"), got_grads, want_grads):
+        assert relative_error(g, w) < tolerance, name
+
+
+@needs_extension
+def test_batch_norm_layer_is_the_same_on_both_paths(monkeypatch, relative_error):
+    x = jnp.asarray(3.0 + np.random.RandomState(2).randn(4, 8, 8, 32), jnp.float32)
+    bn = BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+
+    def run(path):
+        monkeypatch.setenv(kernels.ENV, path)
+
+        def loss(params, x):
+            y, new = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), new
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(variables["params"], x)
+
+    (l_xla, s_xla), g_xla = run("xla")
+    (l_ext, s_ext), g_ext = run("onednn")
+    assert relative_error(l_ext, l_xla) < 1e-5
+    for got, want in zip(jax.tree.leaves((s_ext, g_ext)), jax.tree.leaves((s_xla, g_xla))):
+        assert relative_error(got, want) < 1e-5
