@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 
 # Bottom to top, as ../shared/DESIGN.md and the README's layout section draw it.
 LAYERS = [
-    {"errors", "files", "cache", "registry"},
+    {"errors", "files", "cache", "registry", "memory"},
     {"ops", "kernels", "models", "nnx"},
     {"convert", "torch_pickle", "torch_format", "metadata", "hub", "weights"},
     {"transforms", "sources", "tfds_source", "data", "synthetic"},

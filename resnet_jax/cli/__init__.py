@@ -48,8 +48,15 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
 
 
 def run(command: Callable[[], int]) -> int:
-    """`command()`'s exit status; a UserError prints `error: <message>` on stderr and gives 1."""
+    """`command()`'s exit status; a UserError prints `error: <message>` on stderr and gives 1.
+
+    Sets malloc up first, before any JAX computation, so that steps reuse their memory
+    (`resnet_jax.memory`).
+    """
     from resnet_jax.errors import UserError
+    from resnet_jax.memory import keep_freed_memory
+
+    keep_freed_memory()
 
     try:
         return command()

@@ -48,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run `train.py`; user errors print one line on stderr and return 1."""
     config = parse_args(argv)
-    from resnet_jax.trainer import train
 
     def command() -> int:
+        from resnet_jax.trainer import train
+
         train(config)
         return 0
 
