@@ -11,7 +11,9 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
   Each side trains in a fresh process of its own, as a user runs it, the processes alternating
   (`--rounds` of them): in a shared process, torch's channels_last step ran 13% faster whenever
   an eager step ran between its steps (resnet50: 2.41 s against 2.78 s alone), which no user
-  of one of them gets.
+  of one of them gets. Ours sets malloc up as train.py does (`resnet_jax.memory`: freed step
+  buffers are kept for reuse instead of page-faulted in afresh); torch gains from the same
+  settings, so a second row gives torch's sides with them too.
 - eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: uint8
   images normalised on the device, jitted softmax, result copied to the host) against torch
   under inference_mode from float input.
@@ -37,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from resnet_jax.memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = len(os.sched_getaffinity(0))
@@ -166,31 +170,36 @@ def torch_predict(arch: str, batch: int, size: int, channels_last: bool) -> Call
 # Fresh-process measurements
 
 
-TRAIN_SIDES = ("jax", "torch", "torch-cl")  # ours, torch eager NCHW, torch channels_last
+# Ours (malloc set up as train.py does), torch eager NCHW, torch channels_last, and both torch
+# sides again with the same malloc settings as ours (see keep_freed_memory).
+TRAIN_SIDES = ("jax", "torch", "torch-cl", "torch+kept", "torch-cl+kept")
 
 
 def train_worker(side: str, arch: str, batch: int, size: int, repeats: int) -> dict:
     """Runs in a subprocess: the median seconds of one side's train step, after two warm-ups."""
+    if side == "jax" or side.endswith("+kept"):
+        keep_freed_memory()
     if side == "jax":
         run = jax_train_step(arch, batch, size)
     else:
-        run = torch_train_step(arch, batch, size, channels_last=side == "torch-cl")
+        run = torch_train_step(arch, batch, size, channels_last=side.startswith("torch-cl"))
     return {"step_s": timed([run], repeats)[0]}
 
 
-def isolated_train_steps(arch: str, batch: int, size: int, repeats: int, rounds: int) -> list:
+def isolated_train_steps(arch: str, batch: int, size: int, repeats: int, rounds: int) -> dict:
     """Median train-step seconds of each of TRAIN_SIDES, each in its own processes, alternating."""
     times: dict[str, list[float]] = {side: [] for side in TRAIN_SIDES}
     for _ in range(rounds):
         for side in TRAIN_SIDES:
             cmd = ["--train-worker", side, "--repeats", str(repeats)]
             times[side].append(in_subprocess(cmd, arch, batch, size)["step_s"])
-    return [statistics.median(times[side]) for side in TRAIN_SIDES]
+    return {side: statistics.median(t) for side, t in times.items()}
 
 
 def worker(kind: str, arch: str, batch: int, size: int) -> dict:
     """Runs in a subprocess: first-step seconds and memory of one side."""
     if kind == "jax":
+        keep_freed_memory()
         from resnet_jax.trainer import enable_compilation_cache
 
         enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR (set by the parent) wins
@@ -240,7 +249,9 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
     b, s, r = args.batch, args.image_size, args.repeats
     rows = []
     train = isolated_train_steps(arch, b, s, r, args.rounds)
-    rows.append(("train images/s", *(b / t for t in train)))
+    rows.append(("train images/s", *(b / train[side] for side in TRAIN_SIDES[:3])))
+    kept = (b / train[side] for side in ("jax", "torch+kept", "torch-cl+kept"))
+    rows.append(("  torch malloc kept as ours", *kept))
     for n in (args.batch, args.eval_batch):
         sides = [jax_predict(arch, n, s), torch_predict(arch, n, s, False)]
         sides.append(torch_predict(arch, n, s, True))
@@ -303,6 +314,7 @@ def main() -> None:
         print(json.dumps(train_worker(side, arch, args.batch, args.image_size, args.repeats)))
         return
 
+    kept = keep_freed_memory()  # before any computation; the eval rows share this process
     import jax
     import torch
 
@@ -312,7 +324,8 @@ def main() -> None:
           f"{torch.__version__} ({CORES} threads), batch {args.batch}, {args.image_size} px, "
           f"median of {args.repeats} (train: {args.rounds} processes per side); "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"convolutions: {conv_path()} (RESNET_JAX_CONV)")  # fmt: skip
+          f"convolutions: {conv_path()} (RESNET_JAX_CONV); malloc keeps freed memory: "
+          f"{kept} (RESNET_JAX_KEEP_MEMORY)")  # fmt: skip
     print(f"{'arch':16} {'measure':30} {'ours':>10}{'torch':>10}{'torch CL':>10} "
           f"{'vs torch':>9}{'vs CL':>9}")  # fmt: skip
     for arch in args.archs:
