@@ -66,6 +66,7 @@ WITH_AVX2_CLONE void AddSums(
 // s2 = sum((a - shift_a) * (b - shift_b)).
 void PairedSums(const float* a, const float* b, const float* shift_a, const float* shift_b,
                 int64_t rows, int64_t c, double* s1, double* s2) {
+  // Maps under 64k values (layer4 at small batch sizes) stay on one thread.
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows * c / 65536)));
   std::vector<double> partial(static_cast<size_t>(threads) * 2 * c, 0.0);

@@ -29,12 +29,11 @@
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+using tag = dnnl::memory::format_tag;
 
 namespace resnet_jax {
-std::mutex& OneAtATime();
+std::mutex& OneAtATime();  // defined at the end of this file
 }  // namespace resnet_jax
-
-using tag = dnnl::memory::format_tag;
 
 namespace {
 

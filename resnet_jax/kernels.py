@@ -28,6 +28,7 @@ from resnet_jax.errors import UserError
 __all__ = [
     "ENV",
     "available",
+    "batch_norm",
     "batch_norm_train",
     "conv",
     "conv_path",
@@ -97,7 +98,8 @@ def conv_path() -> str:
 
 
 def use_onednn(dtype: jnp.dtype) -> bool:
-    """Whether a convolution of this dtype goes to oneDNN on CPU (float32 only)."""
+    """Whether work of this dtype (convolutions, training-mode BatchNorm) goes to the extension
+    on CPU (float32 only)."""
     return jnp.dtype(dtype) == jnp.float32 and conv_path() == "onednn"
 
 
