@@ -1,4 +1,4 @@
-"""Builds the optional CPU extension (csrc/, see resnet_jax/kernels.py): oneDNN convolutions and
+"""Builds the optional CPU extension (csrc/, see resnet_jax/ops/extension.py): oneDNN convolutions and
 BatchNorm's sums.
 
 The headers come from the build requirements in pyproject.toml (jax for XLA's FFI API,
@@ -34,7 +34,7 @@ def onednn_extension() -> list[Extension]:
     if header is None or library is None:
         return []
     extension = Extension(
-        "resnet_jax._cpu_kernels",
+        "resnet_jax.ops._cpu_kernels",
         ["csrc/onednn_conv.cc", "csrc/batch_norm.cc"],
         include_dirs=[jax.ffi.include_dir(), str(header.parents[2])],
         library_dirs=[str(library.parent)],

@@ -1,4 +1,4 @@
-"""Images/s of resnet_jax.data.Loader against torchvision ImageFolder + DataLoader, same workers.
+"""Images/s of resnet_jax.data.loader.Loader against torchvision ImageFolder + DataLoader, same workers.
 
     python benchmarks/data_pipeline.py --workers 2                       # generated 500x375 JPEGs
     python benchmarks/data_pipeline.py --workers 2 --data-dir ../shared/data/flowers128
@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as tv
 
-from resnet_jax.data import Loader
-from resnet_jax.sources import ImageFolderSource, open_image_folder
-from resnet_jax.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from resnet_jax.data.loader import Loader
+from resnet_jax.data.sources import ImageFolderSource, open_image_folder
+from resnet_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:

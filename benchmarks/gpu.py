@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from resnet_jax.models import create_model
-from resnet_jax.optim import make_optimizer
-from resnet_jax.parallel import DataParallel
-from resnet_jax.steps import create_state, zero_totals
-from resnet_jax.synthetic import synthetic_batches
+from resnet_jax.data.synthetic import synthetic_batches
+from resnet_jax.models.resnet import create_model
+from resnet_jax.training.optim import make_optimizer
+from resnet_jax.training.parallel import DataParallel
+from resnet_jax.training.steps import create_state, zero_totals
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_FLOPS = {"bfloat16": 989e12, "float32": 494e12}  # H200 SXM, dense

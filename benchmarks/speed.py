@@ -11,7 +11,7 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
   Each side trains in a fresh process of its own, as a user runs it, the processes alternating
   (`--rounds` of them): in a shared process, torch's channels_last step ran 13% faster whenever
   an eager step ran between its steps (resnet50: 2.41 s against 2.78 s alone), which no user
-  of one of them gets. Ours sets malloc up as train.py does (`resnet_jax.memory`: freed step
+  of one of them gets. Ours sets malloc up as train.py does (`resnet_jax.runtime.memory`: freed step
   buffers are kept for reuse instead of page-faulted in afresh); torch gains from the same
   settings, so a second row gives torch's sides with them too.
 - eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: uint8
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_jax.memory import keep_freed_memory
+from resnet_jax.runtime.memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = len(os.sched_getaffinity(0))
@@ -79,10 +79,10 @@ def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax.models import create_model
-    from resnet_jax.optim import make_optimizer
-    from resnet_jax.parallel import DataParallel
-    from resnet_jax.steps import create_state, zero_totals
+    from resnet_jax.models.resnet import create_model
+    from resnet_jax.training.optim import make_optimizer
+    from resnet_jax.training.parallel import DataParallel
+    from resnet_jax.training.steps import create_state, zero_totals
 
     dp = DataParallel()
     model = create_model(arch)
@@ -116,8 +116,8 @@ def jax_predict(arch: str, batch: int, size: int) -> Callable[[], object]:
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax.inference import Predictor
-    from resnet_jax.models import create_model
+    from resnet_jax.inference.predictor import Predictor
+    from resnet_jax.models.resnet import create_model
 
     model = create_model(arch)
     variables = jax.jit(model.init, static_argnames="train")(
@@ -200,7 +200,7 @@ def worker(kind: str, arch: str, batch: int, size: int) -> dict:
     """Runs in a subprocess: first-step seconds and memory of one side."""
     if kind == "jax":
         keep_freed_memory()
-        from resnet_jax.trainer import enable_compilation_cache
+        from resnet_jax.training.trainer import enable_compilation_cache
 
         enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR (set by the parent) wins
         import jax  # noqa: F401  (the imports are part of the baseline)
@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=64, help="the second eval batch size")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement")
-    # A process's second step still faults the memory malloc then keeps in (resnet_jax.memory):
+    # A process's second step still faults the memory malloc then keeps in (resnet_jax.runtime.memory):
     # ~0.3 s for resnet50, about 1% of the mean over the 11 timed steps of 12.
     parser.add_argument("--trainer-steps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64 px, 3 repeats")
@@ -320,7 +320,7 @@ def main() -> None:
     import jax
     import torch
 
-    from resnet_jax.kernels import conv_path
+    from resnet_jax.ops.extension import conv_path
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {CORES} cores), torch "
           f"{torch.__version__} ({CORES} threads), batch {args.batch}, {args.image_size} px, "

@@ -1,4 +1,4 @@
-// 2-D convolutions on CPU through oneDNN, as XLA FFI handlers (see resnet_jax/kernels.py).
+// 2-D convolutions on CPU through oneDNN, as XLA FFI handlers (see resnet_jax/ops/extension.py).
 //
 // Layouts are JAX's: activations NHWC, kernels HWIO (for `groups` > 1, I is the per-group input
 // width and O = groups * per-group outputs). Padding is symmetric, as in torch. Activations are

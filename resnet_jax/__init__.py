@@ -1,7 +1,8 @@
 """resnet_jax: torchvision's ResNet and ResNeXt family in JAX/Flax, weights included.
 
 The names below are loaded on first use, so that `import resnet_jax.cli` (and `--help`) does
-not wait for JAX. `resnet_jax.nnx` (the models as Flax NNX modules) is loaded on first use too.
+not wait for JAX. `resnet_jax.nnx`
+(`resnet_jax.models.nnx`, the models as Flax NNX modules) is loaded on first use too.
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    **dict.fromkeys(("check_variables", "detect_arch", "flax_to_torch", "torch_to_flax"), "convert"),
-    "UserError": "errors",
+    **dict.fromkeys(("check_variables", "detect_arch", "flax_to_torch", "torch_to_flax"), "weights.torch_names"),
+    "UserError": "runtime.errors",
     **dict.fromkeys(
         ("ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "ResNet", "create_model",
          "init_variables", "pooled_features", "resnet18", "resnet34", "resnet50", "resnet101",
          "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
          "wide_resnet50_2", "wide_resnet101_2"),
-        "models",
+        "models.resnet",
     ),
-    **dict.fromkeys(("ModelMetadata", "read_metadata"), "metadata"),
-    **dict.fromkeys(("ARCHITECTURES", "Architecture", "get_architecture"), "registry"),
-    **dict.fromkeys(("load_variables", "save_variables"), "weights"),
+    "ModelMetadata": "weights.metadata",
+    **dict.fromkeys(("ARCHITECTURES", "Architecture", "get_architecture"), "models.registry"),
+    **dict.fromkeys(("load_variables", "read_metadata", "save_variables"), "weights.io"),
 }  # fmt: skip
 # Submodules reachable as attributes without an import (not in __all__: `nnx` would shadow flax's).
-_SUBMODULES = ("nnx",)
+_SUBMODULES = {"nnx": "models.nnx"}
 
 __all__ = [
     "ARCHITECTURES",
@@ -63,7 +64,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"resnet_jax.{name}")  # the import sets the attribute
+        module = importlib.import_module(f"resnet_jax.{_SUBMODULES[name]}")
+        globals()[name] = module
+        return module
     if name not in _EXPORTS:
         raise AttributeError(f"module 'resnet_jax' has no attribute '{name}'")
     value = getattr(importlib.import_module(f"resnet_jax.{_EXPORTS[name]}"), name)

@@ -1,4 +1,5 @@
-"""The package's layering: each module imports only from its own layer or those below it."""
+"""The package's layering: folders are layers, each imports only from its own folder or those
+below it, and no two modules import each other, even through others."""
 
 from __future__ import annotations
 
@@ -7,70 +8,74 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 
-# Bottom to top, as ../shared/DESIGN.md and the README's layout section draw it.
-LAYERS = [
-    {"errors", "files", "cache", "registry", "memory"},
-    {"ops", "kernels", "models", "nnx"},
-    {"convert", "torch_pickle", "torch_format", "metadata", "hub", "weights"},
-    {"transforms", "sources", "tfds_source", "data", "synthetic"},
-    {
-        "optim",
-        "steps",
-        "parallel",
-        "checkpoint",
-        "reporting",
-        "transfer",
-        "config",
-        "confusion",
-        "tensorboard",
-    },
-    {"trainer", "gradcam", "inference", "predict_output"},
-    {"cli"},
-]
-LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
+# Bottom to top, as ../shared/DESIGN.md and the README's layout section draw them.
+LAYERS = ["runtime", "ops", "models", "weights", "data", "training", "inference", "cli"]
+LEVEL = {name: level for level, name in enumerate(LAYERS)}
 
 
-def module_name(path: Path) -> str:
-    relative = path.relative_to(PACKAGE)
-    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
-
-
-def imported_modules(path: Path) -> set[str]:
-    """The resnet_jax modules `path` imports, at the top or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.module.startswith("resnet_jax")
-        ):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # from resnet_jax import transforms
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(
-                a.name.split(".")[1] for a in node.names if a.name.startswith("resnet_jax.")
-            )
+def modules() -> dict[str, Path]:
+    """'models.resnet' -> its path, for every module of the package but its lazy __init__."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts != ("__init__",):
+            found[".".join(parts).removesuffix(".__init__")] = path
     return found
 
 
-def test_every_module_has_a_layer():
-    modules = {module_name(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
-    assert modules - set(LAYER) == set(), "add new modules to LAYERS (and to DESIGN.md)"
+def imported(path: Path) -> set[str]:
+    """The resnet_jax modules `path` imports (at the top or inside functions), without the
+    'resnet_jax.' prefix: 'models.resnet', or 'models' for the folder itself."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_jax"):
+            base = node.module.removeprefix("resnet_jax").lstrip(".")
+            for alias in node.names:  # `from resnet_jax.models import resnet` names a module
+                name = f"{base}.{alias.name}" if base else alias.name
+                found.add(name if name in modules() else base)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("resnet_jax."):
+                    found.add(alias.name.removeprefix("resnet_jax."))
+    return found - {""}
 
 
-def test_no_module_imports_one_above_it():
-    upward = []
-    for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "__init__.py":  # the lazy public namespace re-exports
-            continue
-        name = module_name(path)
-        for imported in imported_modules(path):
-            if imported in LAYER and LAYER[imported] > LAYER[name]:
-                upward.append(f"{path.relative_to(PACKAGE)} imports {imported}")
+def folder(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_every_module_sits_in_a_layer_folder():
+    outside = [m for m in modules() if folder(m) not in LEVEL and not m.startswith("_")]
+    assert outside == [], "put each module in one of the layer folders (see DESIGN.md)"
+
+
+def test_no_module_imports_from_a_higher_folder():
+    upward = [
+        f"{module} imports {other}"
+        for module, path in modules().items()
+        for other in imported(path)
+        if LEVEL.get(folder(other), -1) > LEVEL[folder(module)]
+    ]
     assert upward == []
+
+
+def test_no_import_cycle():
+    graph = {m: {o for o in imported(p) if o in modules()} for m, p in modules().items()}
+    cycles, state = [], {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            if state.get(other) == "open":
+                cycles.append(" -> ".join([*trail[trail.index(other) :], other]))
+            elif other not in state:
+                visit(other, [*trail, other])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
 
 
 def test_public_modules_declare_all_at_the_top():
@@ -92,5 +97,5 @@ def test_public_modules_declare_all_at_the_top():
             if isinstance(t, ast.Name)
         ]
         if "__all__" not in names:
-            missing.append(path.name)
+            missing.append(str(path.relative_to(PACKAGE)))
     assert missing == []

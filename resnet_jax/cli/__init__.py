@@ -26,7 +26,7 @@ def _flag_type(hint: Any) -> type:
 
 def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag-name` per field of the dataclass `config`, made from
-    the field's type, default and metadata (see `resnet_jax.config.option`)."""
+    the field's type, default and metadata (see `resnet_jax.training.config.option`)."""
     parser = argparse.ArgumentParser(**kwargs)
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
@@ -51,10 +51,10 @@ def run(command: Callable[[], int]) -> int:
     """`command()`'s exit status; a UserError prints `error: <message>` on stderr and gives 1.
 
     Sets malloc up first, before any JAX computation, so that steps reuse their memory
-    (`resnet_jax.memory`).
+    (`resnet_jax.runtime.memory`).
     """
-    from resnet_jax.errors import UserError
-    from resnet_jax.memory import keep_freed_memory
+    from resnet_jax.runtime.errors import UserError
+    from resnet_jax.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
 

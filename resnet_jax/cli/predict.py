@@ -66,11 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def predict(args: argparse.Namespace) -> int:
     """What `predict.py` does; returns the exit status (0, or EXIT_SKIPPED if images were
     skipped). Raises UserError for anything that stops the whole run."""
-    from resnet_jax import predict_output as show
-    from resnet_jax.cache import enable_compilation_cache
-    from resnet_jax.errors import UserError
-    from resnet_jax.inference import Predictor, find_images
-    from resnet_jax.transforms import BadImage
+    from resnet_jax.data.transforms import BadImage
+    from resnet_jax.inference import output as show
+    from resnet_jax.inference.predictor import Predictor, find_images
+    from resnet_jax.runtime.cache import enable_compilation_cache
+    from resnet_jax.runtime.errors import UserError
 
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, not {args.top_k}.")

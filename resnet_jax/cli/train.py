@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from resnet_jax.cli import parser_for, run
-from resnet_jax.config import TrainConfig
+from resnet_jax.training.config import TrainConfig
 
 __all__ = ["main", "parse_args"]
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
 
     def command() -> int:
-        from resnet_jax.trainer import train
+        from resnet_jax.training.trainer import train
 
         train(config)
         return 0

@@ -1,0 +1,1 @@
+"""Using trained weights: the predictor, Grad-CAM maps, how predictions are shown."""

@@ -1,0 +1,2 @@
+"""Training: options, optimizers, the jitted steps, devices, checkpoints, transfer learning,
+the epoch loop and what it reports."""

@@ -1,0 +1,173 @@
+"""resnet_jax.data.loader on tiny images made here: order, resume, shards, padding, bad images."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from resnet_jax.data import sources
+from resnet_jax.data.loader import Loader, open_datasets
+from resnet_jax.data.transforms import eval_transform_uint8
+from resnet_jax.runtime.errors import UserError
+from tests.helpers import batches, make_folder
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_one_class_is_refused_before_training(tmp_path):
+    make_folder(tmp_path, {"daisy": 10})
+    with pytest.raises(UserError, match=r"has only one class \(daisy\); a classifier needs"):
+        open_datasets(str(tmp_path))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """12 training images in 3 classes and 7 eval images."""
+    make_folder(tmp_path / "train", {"a": 4, "b": 4, "c": 4})
+    make_folder(tmp_path / "val", {"a": 3, "b": 2, "c": 2}, seed=1000)
+    return open_datasets(str(tmp_path))
+
+
+def test_train_epoch_shape_order_and_drop_last(folder):
+    train, _, _ = folder
+    loader = Loader(train, 5, train=True, image_size=16, seed=3, workers=2)
+    assert len(loader) == 2  # 12 // 5, the partial batch dropped
+    epoch0 = batches(loader, 0)
+    batch = epoch0[0]
+    assert batch["image"].shape == (5, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32 and batch["mask"].all()
+    rows = loader.indices(0).ravel()
+    assert len(set(rows)) == 10 and set(rows) <= set(range(12))
+    assert [b["label"].tolist() for b in epoch0] == [
+        [train.label(i) for i in r] for r in loader.indices(0)
+    ]
+    assert not np.array_equal(loader.indices(0), loader.indices(1))  # reshuffled each epoch
+    np.testing.assert_array_equal(
+        loader.indices(1), Loader(train, 5, train=True, seed=3).indices(1)
+    )
+
+
+def test_batches_do_not_depend_on_worker_count(folder):
+    train, _, _ = folder
+    one = batches(Loader(train, 4, train=True, image_size=16, seed=7, workers=1), epoch=2)
+    three = batches(Loader(train, 4, train=True, image_size=16, seed=7, workers=3), epoch=2)
+    assert_same(one, three)
+    other_seed = batches(Loader(train, 4, train=True, image_size=16, seed=8, workers=1), epoch=2)
+    assert not np.array_equal(one[0]["image"], other_seed[0]["image"])
+
+
+def test_resume_at_batch_k_equals_the_tail_of_a_full_epoch(folder):
+    train, _, _ = folder
+    loader = Loader(train, 3, train=True, image_size=16, seed=1, workers=2, prefetch=1)
+    full = batches(loader, epoch=4)
+    assert len(full) == 4
+    assert_same(batches(loader, epoch=4, start=2), full[2:])
+
+
+def test_eval_pads_and_masks_so_each_image_counts_once(folder):
+    _, val, _ = folder
+    loader = Loader(val, 3, train=False, image_size=16, workers=2)
+    assert len(loader) == 3  # 7 images: 3 + 3 + 1 real rows
+    out = batches(loader)
+    masks = np.concatenate([b["mask"] for b in out])
+    assert masks.tolist() == [True] * 7 + [False] * 2
+    labels = np.concatenate([b["label"] for b in out])[masks]
+    assert labels.tolist() == [val.label(i) for i in range(7)]
+    images = np.concatenate([b["image"] for b in out])
+
+    for i in range(7):
+        np.testing.assert_array_equal(images[i], eval_transform_uint8(val.load(i), 16))
+    assert not images[7:].any()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_process_shards_concatenate_to_the_global_batch(folder, train):
+    source = folder[0] if train else folder[1]
+    whole = batches(Loader(source, 4, train=train, image_size=16, seed=5, workers=2))
+    parts = [
+        batches(
+            Loader(
+                source,
+                4,
+                train=train,
+                image_size=16,
+                seed=5,
+                workers=1,
+                process_index=p,
+                process_count=2,
+            )
+        )
+        for p in (0, 1)
+    ]
+    for k, batch in enumerate(whole):
+        for key in ("image", "label", "mask"):
+            assert parts[0][k][key].shape[0] == 2
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][k][key], parts[1][k][key]]), batch[key]
+            )
+
+
+def test_batch_size_must_divide_among_processes_and_fit_the_data(folder):
+    train, _, _ = folder
+    with pytest.raises(UserError, match="multiple of the 4 processes"):
+        Loader(train, 6, train=True, process_count=4)
+    with pytest.raises(UserError, match="larger than the 12 training images"):
+        Loader(train, 16, train=True)
+
+
+def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+    make_folder(tmp_path, {"a": 4, "b": 4}, ext=".jpg")
+    garbage = tmp_path / "a" / "img1.jpg"
+    garbage.write_bytes(b"this is not a jpeg")
+    truncated = tmp_path / "b" / "img2.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (tmp_path / "train").mkdir()
+    source = sources.ImageFolderSource(
+        [(str(tmp_path / c / f"img{i}.jpg"), int(c == "b")) for c in "ab" for i in range(4)],
+        ["a", "b"],
+    )
+    loader = Loader(source, 4, train=False, image_size=16, workers=2)
+    with caplog.at_level(logging.WARNING, logger="resnet_jax.data.loader"):
+        out = batches(loader)
+    assert loader.skipped == 2
+    masks = np.concatenate([b["mask"] for b in out])
+    assert masks.tolist() == [True, False, True, True, True, True, False, True]
+    assert not np.concatenate([b["image"] for b in out])[~masks].any()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(str(garbage) in m for m in messages) and any(str(truncated) in m for m in messages)
+    assert all("\n" not in m for m in messages)
+    assert "2 unreadable image(s) skipped in epoch 0" in messages[-1]
+    batches(Loader(source, 4, train=True, image_size=16, workers=1))  # train skips them too
+
+
+def test_stopping_early_shuts_the_worker_threads_down(folder):
+    train, _, _ = folder
+    epoch = Loader(train, 2, train=True, image_size=16, workers=3, prefetch=3).epoch(0)
+    next(epoch)
+    assert any(t.name.startswith("resnet_jax-data") for t in threading.enumerate())
+    epoch.close()  # what `break` out of a for loop does once the generator is dropped
+    assert not any(t.name.startswith("resnet_jax-data") for t in threading.enumerate())
+
+
+def test_exiting_mid_epoch_neither_hangs_nor_prints(tmp_path):
+    make_folder(tmp_path / "images", {"a": 6, "b": 6})
+    script = (
+        "from resnet_jax.data.loader import Loader\nfrom resnet_jax.data.sources import open_image_folder\n"
+        f"train, _, _ = open_image_folder({str(tmp_path / 'images')!r}, 0.5)\n"
+        "epoch = Loader(train, 2, train=True, image_size=16, workers=2, prefetch=2).epoch(0)\n"
+        "next(epoch)\n"  # exit with the generator still referenced and work queued
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stderr == ""

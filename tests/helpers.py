@@ -1,0 +1,221 @@
+"""What the tests share: torchvision references, comparisons with torch, TensorBoard's reader,
+and .pth files written by hand the way old torch versions wrote them."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torchvision
+from flax import traverse_util
+from PIL import Image
+
+from resnet_jax.data.loader import Loader
+from resnet_jax.models.resnet import ResNet
+from resnet_jax.weights.torch_format import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION
+from resnet_jax.weights.torch_names import torch_to_flax
+
+
+def randomised_torch_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A torchvision model whose BatchNorm parameters and running statistics are all random.
+
+    `resnext14_32x4d` is a one-block-per-stage grouped model used where depth would hurt.
+    """
+    torch.manual_seed(seed)
+    if name == "resnext14_32x4d":
+        resnet = torchvision.models.resnet
+        model = resnet.ResNet(
+            resnet.Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4, **kwargs
+        )
+    else:
+        model = getattr(torchvision.models, name)(**kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|: the error measure used for every comparison with torch."""
+    want = np.asarray(want)
+    return float(np.abs(np.asarray(got) - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def torch_step(tmodel: torch.nn.Module, x: np.ndarray, labels: np.ndarray) -> dict:
+    """torch's eval logits, then one train-mode forward and backward: logits, gradients and
+    updated running statistics, with Flax names."""
+    with torch.no_grad():
+        eval_logits = tmodel.eval()(nchw(x)).numpy()
+    logits = tmodel.train()(nchw(x))
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
+    grads = {n: p.grad.numpy() for n, p in tmodel.named_parameters()}
+    return {
+        "eval_logits": eval_logits,
+        "logits": logits.detach().numpy(),
+        "batch_stats": torch_to_flax(numpy_state_dict(tmodel))["batch_stats"],
+        "grads": torch_to_flax(grads)["params"],
+    }
+
+
+@partial(jax.jit, static_argnums=0)  # one compilation: op by op takes twice as long
+def flax_step(model: ResNet, variables: dict, x: np.ndarray, labels: np.ndarray) -> dict:
+    """What `torch_step` returns, from our model."""
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+        loss = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
+        return loss, (logits, updates["batch_stats"])
+
+    grads, (logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(variables["params"])
+    eval_logits = model.apply(variables, x, train=False)
+    return {
+        "eval_logits": eval_logits,
+        "logits": logits,
+        "batch_stats": batch_stats,
+        "grads": grads,
+    }
+
+
+def step_errors(got: dict, want: dict) -> dict[str, float]:
+    """The relative error of every output, running statistic and gradient, by name."""
+    errors = {}
+    for part, tree in got.items():
+        flat_want = dict(jax.tree_util.tree_leaves_with_path(want[part]))
+        flat_got = jax.tree_util.tree_leaves_with_path(tree)
+        assert len(flat_got) == len(flat_want), part
+        for path, leaf in flat_got:
+            errors[part + jax.tree_util.keystr(path)] = relative_error(leaf, flat_want[path])
+    return errors
+
+
+def tensorboard_series(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    series = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    for tag in tags["images"]:
+        series[tag] = [(e.step, e.encoded_image_string) for e in events.Images(tag)]
+    return series
+
+
+class OldStorage:
+    """A storage as torch 0.x pickled it: by persistent id, possibly as a view of another."""
+
+    def __init__(self, key, numel, view=None):
+        self.key, self.numel, self.view = key, numel, view
+
+
+class OldTensor:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor, self.args  # the pre-0.4 rebuild function
+
+
+def write_old_legacy(path: Path, obj, storages: dict[str, np.ndarray]) -> None:
+    """Write a pre-1.6 file by hand, the way torch 0.3 did (no _rebuild_tensor_v2)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, OldStorage):
+                return ("storage", torch.FloatStorage, o.key, "cpu", o.numel, o.view)
+            return None
+
+    with open(path, "wb") as f:
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(sorted(storages), f, protocol=2)
+        f.writelines(struct.pack("<q", v.size) + v.tobytes() for _, v in sorted(storages.items()))
+
+
+def write_zip(path: Path, pickled: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+
+
+def write_legacy(path: Path, pickled: bytes, *, in_header: bool = False) -> None:
+    with open(path, "wb") as f:
+        if in_header:  # the payload replaces the magic number
+            f.write(pickled)
+            return
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        f.write(pickled)
+        pickle.dump([], f, protocol=2)
+
+
+def flat(tree) -> dict:
+    """tree -> {'params/layer1_0/conv1/kernel': host array, ...}."""
+    return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def noise_image(seed: int, size: tuple[int, int] = (24, 20)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def make_folder(root: Path, counts: dict[str, int], ext: str = ".png", seed: int = 0) -> Path:
+    """root/<class>/<i><ext> noise images, a distinct seed per file."""
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            noise_image(seed + 100 * c + i).save(root / name / f"img{i}{ext}")
+    return root
+
+
+def batches(loader: Loader, epoch: int = 0, start: int = 0) -> list[dict[str, np.ndarray]]:
+    return list(loader.epoch(epoch, start))
+
+
+def torch_resnet18(num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """torchvision resnet18 with random weights and random BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+        model.fc.weight.mul_(3.0)  # spread the logits so images differ in their top-1
+    return model.eval()
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A smooth random image (blurred noise plus a colour ramp) of (width, height) `size`."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4 + 8 * seed, 4 + 8 * seed, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    image.save(path)
+    return path

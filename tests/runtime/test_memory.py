@@ -1,0 +1,60 @@
+"""resnet_jax.runtime.memory: freed memory is reused, not mapped afresh (in a fresh process each)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax.runtime import memory
+
+# A worker thread (as XLA's are) mallocs a block as large as a step's temporaries, writes it and
+# frees it, three times; the minor page faults of each write are printed.
+SCRIPT = """
+import ctypes, resource, threading
+from resnet_jax.runtime.memory import keep_freed_memory
+applied = keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 256 << 20
+faults = []
+def work():
+    for _ in range(3):
+        block = libc.malloc(SIZE)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(block, 1, SIZE)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        libc.free(block)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(applied, *faults)
+"""
+PAGES = (256 << 20) // 4096
+
+
+def run_script(env_value: str, monkeypatch) -> list[str]:
+    monkeypatch.setenv(memory.ENV, env_value)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_freed_block_is_reused_without_page_faults(monkeypatch):
+    applied, *faults = run_script("1", monkeypatch)
+    assert applied == "True"
+    assert int(faults[0]) > PAGES // 2  # the first write maps the block in
+    assert all(int(f) < PAGES // 100 for f in faults[1:]), faults
+    # Without the settings, glibc unmaps the block on free and every write faults it in again.
+    applied, *faults = run_script("0", monkeypatch)
+    assert applied == "False"
+    assert all(int(f) > PAGES // 2 for f in faults), faults
+
+
+def test_left_alone_when_switched_off_or_jax_runs_on_an_accelerator(monkeypatch):
+    monkeypatch.setenv(memory.ENV, "0")
+    assert not memory.keep_freed_memory()
+    monkeypatch.delenv(memory.ENV)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not memory.keep_freed_memory()
