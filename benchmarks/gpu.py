@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.data.synthetic import synthetic_batches
-from resnet_jax.models.resnet import create_model
+from resnet_jax.models.factory import create_model
 from resnet_jax.training.optim import make_optimizer
 from resnet_jax.training.parallel import DataParallel
 from resnet_jax.training.steps import create_state, zero_totals

@@ -79,7 +79,7 @@ def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax.models.resnet import create_model
+    from resnet_jax.models.factory import create_model
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.parallel import DataParallel
     from resnet_jax.training.steps import create_state, zero_totals
@@ -117,7 +117,7 @@ def jax_predict(arch: str, batch: int, size: int) -> Callable[[], object]:
     import jax.numpy as jnp
 
     from resnet_jax.inference.predictor import Predictor
-    from resnet_jax.models.resnet import create_model
+    from resnet_jax.models.factory import create_model
 
     model = create_model(arch)
     variables = jax.jit(model.init, static_argnames="train")(

@@ -1,6 +1,6 @@
-"""The Linen ResNets as Flax NNX modules: one architecture (`models.py`), two APIs.
+"""The Linen ResNets as Flax NNX modules: one architecture (`resnet.py`), two APIs.
 
-`create_model` wraps a Linen `models.ResNet` and its variables in `ResNet`, an `nnx.Module`
+`create_model` wraps a Linen `resnet.ResNet` and its variables in `ResNet`, an `nnx.Module`
 whose `nnx.Param` and `nnx.BatchStat` variables carry the Linen names (`layer1_0/conv1/kernel`),
 so converted torchvision weights load as they are and `to_linen_variables` gives them back.
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from resnet_jax.models import resnet as models
+from resnet_jax.models import factory, resnet
 from resnet_jax.runtime.errors import UserError
 
 __all__ = ["COLLECTIONS", "ResNet", "create_model", "to_linen_variables"]
@@ -32,7 +32,7 @@ class ResNet(nnx.Module):
     `create_model` checks the variables against the architecture; this constructor does not.
     """
 
-    def __init__(self, linen: models.ResNet, variables: Mapping[str, Any]):
+    def __init__(self, linen: resnet.ResNet, variables: Mapping[str, Any]):
         self.linen = linen  # static: the architecture that __call__ applies
         self.use_running_average = False  # the attribute nnx.Module.eval() / train() set
         layers = {
@@ -65,17 +65,17 @@ def create_model(
     variables: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> ResNet:
-    """The NNX `ResNet` of `models.create_model(arch, num_classes=..., **fields)`, holding
+    """The NNX `ResNet` of `factory.create_model(arch, num_classes=..., **fields)`, holding
     `variables` ({'params', 'batch_stats'}, e.g. from `load_variables`) or fresh ones from
     `rngs` (default `nnx.Rngs(0)`)."""
-    linen = models.create_model(arch, num_classes=num_classes, **fields)
+    linen = factory.create_model(arch, num_classes=num_classes, **fields)
     if variables is None:
         key = (rngs if rngs is not None else nnx.Rngs(0)).params()
-        return ResNet(linen, models.init_variables(linen, key))
+        return ResNet(linen, factory.init_variables(linen, key))
     return ResNet(linen, _fitted(linen, arch, variables))
 
 
-def _fitted(linen: models.ResNet, arch: str, variables: Any) -> dict[str, Any]:
+def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
     """`variables` in the model's dtypes, or a UserError naming what does not fit."""
     model = f"{arch} (num_classes={linen.num_classes}, head={linen.head!r})"
     if not isinstance(variables, Mapping) or not set(COLLECTIONS) <= set(variables):
@@ -83,7 +83,7 @@ def _fitted(linen: models.ResNet, arch: str, variables: Any) -> dict[str, Any]:
             f"variables= must be a dict with 'params' and 'batch_stats' for {model}, "
             "as resnet_jax.load_variables returns."
         )
-    want = flatten_dict(jax.eval_shape(lambda: models.init_variables(linen)))
+    want = flatten_dict(jax.eval_shape(lambda: factory.init_variables(linen)))
     have = flatten_dict({c: dict(variables[c]) for c in COLLECTIONS})
     shapes = {path: tuple(jnp.shape(value)) for path, value in have.items()}
     named = {

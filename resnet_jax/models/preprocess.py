@@ -68,4 +68,3 @@ def eval_logits(
     normalised here with the transform's mean and std. Validation (`eval_step`) and prediction
     (`inference.predictor.Predictor`) both call this, so they cannot drift apart."""
     return apply_fn(variables, normalize(images, transform.mean, transform.std), train=False)
-

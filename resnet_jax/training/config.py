@@ -14,7 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from resnet_jax.models.resnet import ARCHS, HEADS, create_model
+from resnet_jax.models.factory import ARCHS, create_model
+from resnet_jax.models.resnet import HEADS
 from resnet_jax.runtime.errors import UserError, check_choice
 from resnet_jax.training.optim import FREEZE, OPTIMIZERS, SCHEDULES
 

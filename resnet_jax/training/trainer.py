@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from resnet_jax.data.loader import Loader, open_datasets
 from resnet_jax.data.sources import write_class_indices
 from resnet_jax.data.synthetic import synthetic_batches
-from resnet_jax.models.resnet import ResNet, create_model, init_variables
+from resnet_jax.models.factory import create_model, init_variables
+from resnet_jax.models.resnet import ResNet
 from resnet_jax.runtime.cache import enable_compilation_cache
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import make_folder, remove_stale_temporaries

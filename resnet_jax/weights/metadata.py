@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from resnet_jax.models.factory import create_model
 from resnet_jax.models.registry import ARCHITECTURES, IMAGENET_EVAL, EvalTransform, get_architecture
-from resnet_jax.models.resnet import HEADS, ResNet, create_model
+from resnet_jax.models.resnet import HEADS, ResNet
 from resnet_jax.runtime.errors import UserError
 
 __all__ = ["METADATA_KEY", "ModelMetadata", "check_metadata", "read_file_metadata"]

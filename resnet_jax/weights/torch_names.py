@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from resnet_jax.models.factory import create_model, init_variables
 from resnet_jax.models.registry import ARCHITECTURES, find_architecture
-from resnet_jax.models.resnet import create_model, init_variables
 from resnet_jax.runtime.errors import UserError
 
 __all__ = [

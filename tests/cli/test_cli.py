@@ -119,7 +119,7 @@ def inputs(tmp_path_factory):
     data = (images / "a" / "0.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     env = dict(os.environ, JAX_PLATFORMS="cpu", RESNET_JAX_CACHE=str(folder / "cache"))
-    return folder, bad_weights(folder, OldStorage, OldTensor, write_old_legacy), env
+    return folder, bad_weights(folder), env
 
 
 @pytest.mark.slow

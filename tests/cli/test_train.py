@@ -19,7 +19,7 @@ from flax import traverse_util
 from PIL import Image
 
 from resnet_jax.data.sources import read_class_indices
-from resnet_jax.models.resnet import create_model
+from resnet_jax.models.factory import create_model
 from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import load_variables, read_metadata

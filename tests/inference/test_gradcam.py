@@ -9,9 +9,11 @@ import optax
 import pytest
 
 from resnet_jax.inference.gradcam import gradcam, layer4_name, upsample
+from resnet_jax.models.blocks import BasicBlock, Bottleneck
+from resnet_jax.models.factory import init_variables
 from resnet_jax.models.preprocess import eval_logits, normalize
 from resnet_jax.models.registry import EvalTransform
-from resnet_jax.models.resnet import BasicBlock, Bottleneck, ResNet, init_variables
+from resnet_jax.models.resnet import ResNet
 from resnet_jax.training.steps import create_state, train_step, zero_totals
 
 SIZE = 96  # layer4 is 3x3 at 96 px (stride 32)

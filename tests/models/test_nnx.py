@@ -13,8 +13,10 @@ from flax import nnx
 
 from resnet_jax import load_variables, save_variables
 from resnet_jax.models import nnx as rnnx
-from resnet_jax.models import resnet as models
+from resnet_jax.models.blocks import Bottleneck
+from resnet_jax.models.factory import create_model, init_variables
 from resnet_jax.models.preprocess import normalize
+from resnet_jax.models.resnet import ResNet
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.training import optim, steps
 from resnet_jax.weights.torch_names import torch_to_flax
@@ -27,7 +29,7 @@ from tests.helpers import (
 )
 
 # The one-block-per-stage grouped model of conftest (not in the registry: built from Linen).
-RESNEXT14 = partial(models.ResNet, models.Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4)
+RESNEXT14 = partial(ResNet, Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4)
 
 
 @nnx.jit
@@ -56,9 +58,7 @@ def linen_and_nnx(name, resnet18_file):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext14_32x4d"])
 def test_eval_and_train_mode_equal_linen(name, resnet18_file):
-    linen, variables, model = linen_and_nnx(
-        name, randomised_torch_model, numpy_state_dict, resnet18_file
-    )
+    linen, variables, model = linen_and_nnx(name, resnet18_file)
     x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
     assert not model.use_running_average  # train mode from the start, as in torch
     model.eval()
@@ -127,7 +127,7 @@ def resnet18_variables():
 def test_adam_steps_equal_the_linen_train_step():
     # float32 only catches gross errors here (a flipped ReLU mask moves Adam's sign-like
     # update by up to 2 lr); the float64 test below carries the exactness claim.
-    variables = resnet18_variables(numpy_state_dict, randomised_torch_model)
+    variables = resnet18_variables()
     got, want = nnx_and_linen_adam_steps(variables, jnp.float32, random_batches(3))
     worst = max(step_errors(got, want).items(), key=lambda kv: kv[1])
     assert worst[1] <= 1e-4, worst
@@ -135,7 +135,7 @@ def test_adam_steps_equal_the_linen_train_step():
 
 @pytest.mark.slow
 def test_adam_steps_equal_the_linen_train_step_in_float64():
-    variables = resnet18_variables(numpy_state_dict, randomised_torch_model)
+    variables = resnet18_variables()
     with jax.enable_x64(True):
         variables = jax.tree.map(lambda v: v.astype(np.float64), variables)
         got, want = nnx_and_linen_adam_steps(variables, jnp.float64, random_batches(3))
@@ -190,8 +190,8 @@ def test_variables_round_trip_through_every_format(suffix, tmp_path, resnet18_fi
 
 def test_fresh_variables_are_the_linen_init_from_rngs():
     model = rnnx.create_model("resnet18", num_classes=3, rngs=nnx.Rngs(1))
-    linen = models.create_model("resnet18", num_classes=3)
-    want = flat(models.init_variables(linen, nnx.Rngs(1).params()))
+    linen = create_model("resnet18", num_classes=3)
+    want = flat(init_variables(linen, nnx.Rngs(1).params()))
     got = flat(rnnx.to_linen_variables(model))
     assert got.keys() == want.keys()
     assert all(np.array_equal(got[k], want[k]) for k in want)

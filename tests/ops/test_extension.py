@@ -8,7 +8,8 @@ import pytest
 from jax import lax
 
 from resnet_jax import UserError
-from resnet_jax.models.resnet import BatchNorm, create_model
+from resnet_jax.models.factory import create_model
+from resnet_jax.models.layers import BatchNorm
 from resnet_jax.ops import extension as kernels
 from resnet_jax.ops.xla import conv2d
 from tests.helpers import relative_error

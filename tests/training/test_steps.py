@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_jax.models.factory import create_model
 from resnet_jax.models.preprocess import eval_logits
-from resnet_jax.models.resnet import create_model
 from resnet_jax.training import optim, steps
 from resnet_jax.training.parallel import DataParallel
 from resnet_jax.training.transfer import initial_variables

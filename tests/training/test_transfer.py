@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resnet_jax.models.resnet import create_model
+from resnet_jax.models.factory import create_model
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import save_variables

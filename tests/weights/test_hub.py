@@ -21,7 +21,7 @@ import safetensors.torch
 from flax.traverse_util import flatten_dict
 from PIL import Image
 
-from resnet_jax.models.resnet import create_model
+from resnet_jax.models.factory import create_model
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights import hub
