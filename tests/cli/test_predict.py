@@ -18,7 +18,7 @@ from PIL import Image
 from resnet_jax.cli.predict import EXIT_SKIPPED
 from resnet_jax.inference import output as predict_output
 from resnet_jax.inference import predictor as inference
-from resnet_jax.inference.predictor import Prediction
+from resnet_jax.inference.predictor import Prediction, Predictor
 from resnet_jax.weights.io import save_variables
 from resnet_jax.weights.torch_names import torch_to_flax
 
@@ -52,6 +52,11 @@ def private_compilation_cache(tmp_path_factory):
         yield
     for name, value in saved.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def predictor(predict_setup):
+    return Predictor.load(predict_setup["weights"])
 
 
 def _run_main(capsys, *argv: str) -> tuple[int, str, str]:
