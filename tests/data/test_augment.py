@@ -21,21 +21,13 @@ from torchvision.transforms import functional as tvf
 
 from resnet_jax.data import augment as A
 from resnet_jax.runtime.errors import UserError
+from tests.helpers import photo_like
 
 MODES = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-
-
-def photo_like(width: int, height: int, seed: int, noise: float = 10.0) -> Image.Image:
-    """Smooth colour fields plus fine noise, like a downscaled photo."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
-    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float64)
-    pixels = smooth + rng.normal(0, noise, (height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def texture(kind: str, width: int, height: int) -> Image.Image:
