@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 Op = tuple[str, float]  # (op name, signed magnitude): one step of an augmentation
-Fill = int | tuple[int, int, int]
+Fill = int | tuple[int, ...]
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -147,8 +147,8 @@ def linspace32(start: float, end: float, steps: int) -> np.ndarray:
     """`torch.linspace(start, end, steps)` in float32, bit for bit.
 
     torch's CPU kernel takes a float32 step and computes `start + step * i` for the first half
-    and `end - step * (steps - 1 - i)` for the rest, each as one fused multiply-add; both are
-    exact in float64 here, so one rounding to float32 reproduces them.
+    and `end - step * (steps - 1 - i)` for the rest, each rounded once (its x86 build fuses the
+    multiply and the add); both are exact in float64 here, so one rounding to float32 matches.
     """
     start32, end32 = np.float32(start), np.float32(end)
     step = np.float64((end32 - start32) / np.float32(steps - 1))
@@ -255,9 +255,12 @@ def apply_op(
 def apply_ops(
     image: Image.Image, ops: Sequence[Op], interpolation: str = "nearest", fill: Fill = 0
 ) -> Image.Image:
-    """Apply the ops one after the other (the deterministic half of every augmentation here)."""
+    """Apply the ops one after the other (the deterministic half of every augmentation here).
+
+    `fill` (one value for every band, or one per band) colours the area the geometric ops bring in.
+    """
     resample = INTERPOLATIONS[interpolation]
-    fill = (fill,) * 3 if isinstance(fill, int) else tuple(fill)
+    fill = (fill,) * len(image.getbands()) if isinstance(fill, int) else tuple(fill)
     for op, magnitude in ops:
         image = apply_op(image, op, magnitude, resample, fill)
     return image

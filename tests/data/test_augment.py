@@ -223,6 +223,16 @@ def test_every_op_with_fill_equals_torchvisions_apply_op(interpolation):
                     assert_pixels_equal(got, want, (name, op, signed))
 
 
+def test_grayscale_images_work_as_in_torchvision():
+    image = IMAGES["photo 33x57"].convert("L")
+    for op, magnitude in [("Rotate", 12.0), ("ShearY", -0.2), ("TranslateX", 7.0), ("Color", 0.5)]:
+        for fill in (0, 77):
+            got = A.apply_ops(image, [(op, magnitude)], "bilinear", fill)
+            want = tva._apply_op(image, op, magnitude, InterpolationMode.BILINEAR, [fill])
+            assert got.mode == "L"
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=op)
+
+
 def test_changing_one_op_changes_the_image():
     """The equality tests above can fail: each op with a non-zero magnitude alters a photo."""
     image = IMAGES["dim 30x30"]
