@@ -8,6 +8,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,7 +124,10 @@ def write_result(path: str | os.PathLike, result: EvalResult) -> None:
 def write_confusion_png(path: str | os.PathLike, result: EvalResult) -> None:
     """--confusion-png: the matrix of `EvalResult.matrix` drawn by `confusion.confusion_png`."""
     matrix, names = result.matrix()
-    png = confusion_png(matrix, names, f"{result.arch} on {result.data}")
+    data = result.data
+    if not data.startswith("tfds "):
+        data = "/".join(Path(data).parts[-2:])  # the end of the path: a title has little room
+    png = confusion_png(matrix, names, f"{result.arch} on {data}")
     if png is None:
         raise UserError("--confusion-png needs matplotlib; install it: pip install matplotlib.")
     with atomic_write(path, "wb") as f:

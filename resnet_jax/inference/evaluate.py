@@ -54,7 +54,8 @@ class EvalConfig:
         None,
         "labelled images: ROOT/<class>/*.jpg, or ROOT/val/<class>/*.jpg when ROOT has a val/ "
         "folder (as train.py's --data-dir); class folders are matched to the model's classes "
-        "by name, ImageNet's synset folders (n01440764) to torchvision's classes",
+        "by name (ImageNet's synset folders such as n01440764 to torchvision's classes); model "
+        "classes without a folder are allowed",
         metavar="ROOT",
     )
     dataset: str | None = option(
