@@ -1,7 +1,7 @@
 """Images/s of resnet_jax.data.loader.Loader against torchvision ImageFolder + DataLoader, same workers.
 
     python benchmarks/data_pipeline.py --workers 2                       # generated 500x375 JPEGs
-    python benchmarks/data_pipeline.py --workers 2 --data-dir ../shared/data/flowers128
+    python benchmarks/data_pipeline.py --workers 2 --data-dir PATH/TO/IMAGE_FOLDER
 
 Both sides read the same files with the same transforms (RandomResizedCrop(224) + flip for
 train, Resize(256) + CenterCrop(224) for eval) and run alternately, A B A B, to cancel drift.

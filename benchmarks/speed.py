@@ -200,7 +200,7 @@ def worker(kind: str, arch: str, batch: int, size: int) -> dict:
     """Runs in a subprocess: first-step seconds and memory of one side."""
     if kind == "jax":
         keep_freed_memory()
-        from resnet_jax.training.trainer import enable_compilation_cache
+        from resnet_jax.runtime.cache import enable_compilation_cache
 
         enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR (set by the parent) wins
         import jax  # noqa: F401  (the imports are part of the baseline)

@@ -1,8 +1,7 @@
 // BatchNorm's per-channel reductions on CPU, as XLA FFI handlers (see resnet_jax/ops/extension.py).
 //
 // XLA:CPU computes each per-channel sum of an NHWC activation as its own pass, and first writes
-// out x - shift when two sums share it: a ResNet-50 training step spends ~0.4 s of its ~2.8 s
-// there (x - shift written out 0.15 s, the sums 0.23 s); these handlers take 0.1 s. Here each
+// out x - shift when two sums share it (benchmarks/RESULTS.md: what that costs). Here each
 // pair of sums is one pass over the data, split by rows over OpenMP threads, summed in float
 // over blocks of rows and in double across blocks (so that one shifted pass is as accurate as
 // two).

@@ -11,10 +11,8 @@
 //
 // Threads: oneDNN runs on its OpenMP team (one thread per core) beside XLA's own thread pool,
 // and one convolution runs at a time (a mutex): when XLA starts two independent ones at once
-// (an input and a kernel gradient), two OpenMP teams would share the cores. Measured on the
-// 2-core machine, resnet50 train step, fresh processes alternating, 5 rounds: 2.80 s with the
-// mutex against 2.89 s without (each round faster). Earlier, for ResNet-34: oneDNN single-
-// threaded in each of two threads gave the same process CPU time as the team (3.73 / 3.72 s).
+// (an input and a kernel gradient), two OpenMP teams would otherwise share the cores
+// (benchmarks/RESULTS.md has the measurement).
 
 #include <cstdint>
 #include <map>

@@ -1,9 +1,12 @@
-"""Fixtures shared by folders of tests: a small torchvision model saved for predict.py, and a
-private compilation cache for tests that run a command in this process."""
+"""Fixtures shared by folders of tests: a small torchvision model saved for predict.py, a
+private compilation cache for tests that run a command in this process, a local HTTP server."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import threading
 
 import jax
 import pytest
@@ -49,3 +52,21 @@ def private_compilation_cache(tmp_path_factory):
         yield
     for name, value in saved.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """(folder, base URL) of an HTTP server on 127.0.0.1 serving the files put in the folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()

@@ -4,11 +4,13 @@ below it, and no two modules import each other, even through others."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "resnet_jax"
 
-# Bottom to top, as ../shared/DESIGN.md and the README's layout section draw them.
+# Bottom to top, as the README's layout section draws them.
 LAYERS = ["runtime", "ops", "models", "weights", "data", "training", "inference", "cli"]
 LEVEL = {name: level for level, name in enumerate(LAYERS)}
 
@@ -46,7 +48,7 @@ def folder(module: str) -> str:
 
 def test_every_module_sits_in_a_layer_folder():
     outside = [m for m in modules() if folder(m) not in LEVEL and not m.startswith("_")]
-    assert outside == [], "put each module in one of the layer folders (see DESIGN.md)"
+    assert outside == [], "put each module in one of the layer folders (see the README's layout)"
 
 
 def test_no_module_imports_from_a_higher_folder():
@@ -99,3 +101,13 @@ def test_public_modules_declare_all_at_the_top():
         if "__all__" not in names:
             missing.append(str(path.relative_to(PACKAGE)))
     assert missing == []
+
+
+def test_predict_and_convert_import_no_jax():
+    """Their --help answers at once: `resnet_jax.cli` and these two load JAX only to run."""
+    code = "import sys, resnet_jax.cli.predict, resnet_jax.cli.convert; print('jax' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout.strip() == "False"

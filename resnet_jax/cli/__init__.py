@@ -1,7 +1,8 @@
 """The command-line programs (`train.py`, `predict.py`, `convert_weights.py`, and the installed
 `resnet-jax-*` commands): parse flags, make one library call, turn a UserError into one line.
 
-This package imports no JAX at import time, so `--help` answers at once.
+This package, `predict` and `convert` import no JAX at import time, so their `--help` answers
+at once; `train` builds its flags from `TrainConfig`, whose choices come from the models.
 """
 
 from __future__ import annotations

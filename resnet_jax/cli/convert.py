@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        from resnet_jax.weights.io import convert_file, convert_folder
+        from resnet_jax.weights.conversion import convert_file, convert_folder
 
         if not Path(args.src).is_dir():
             results = [(args.src, args.dst, convert_file(args.src, args.dst, args.arch))]

@@ -47,12 +47,12 @@ def evaluate(config: EvalConfig) -> int:
     skipped). Raises UserError for anything that stops the run."""
     from resnet_jax.inference import eval_result as show
     from resnet_jax.inference.evaluate import evaluate as score
-    from resnet_jax.inference.output import check_output_path
+    from resnet_jax.inference.output import output_format
     from resnet_jax.runtime.cache import enable_compilation_cache
     from resnet_jax.runtime.errors import UserError
 
     if config.output is not None:  # before the slow part
-        check_output_path(config.output)
+        output_format(config.output)
     if config.confusion_png is not None:
         if Path(config.confusion_png).suffix.lower() != ".png":
             raise UserError(f"--confusion-png {config.confusion_png}: use a name ending in .png.")

@@ -75,7 +75,7 @@ def predict(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, not {args.top_k}.")
     if args.output is not None:
-        show.check_output_path(args.output)
+        show.output_format(args.output)
     if args.plot or args.save_plot:
         show.check_plot_path(args.save_plot, args.plot)  # before the slow part
     cam_dir = args.cam_dir or (DEFAULT_CAM_DIR if args.cam else None)

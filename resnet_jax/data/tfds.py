@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import importlib.util
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,10 +13,10 @@ from PIL import Image
 from resnet_jax.data.sources import Source, check_val_fraction
 from resnet_jax.data.transforms import BadImage
 from resnet_jax.runtime.errors import UserError
+from resnet_jax.runtime.network import PROBE_TIMEOUT_S, describe, probe
 
-__all__ = ["TfdsSource", "check_download", "open_tfds", "open_tfds_split", "split_names"]
+__all__ = ["TfdsSource", "download_problem", "open_tfds", "open_tfds_split", "split_names"]
 
-PROBE_TIMEOUT_S = 10.0
 _USE_FOLDER = "pass --data-dir with an ImageFolder instead"
 
 
@@ -57,37 +53,14 @@ class TfdsSource(Source):
         return f"{self.split}[{i}]"
 
 
-def _fetch_problem(url: str, timeout: float) -> str | None:
-    """Why the first byte of `url` cannot be fetched within `timeout`, or None when it can.
-
-    Runs in a daemon thread because name resolution has no timeout of its own.
-    """
-    problems: list[str | None] = []
-
-    def fetch() -> None:
-        request = urllib.request.Request(url, headers={"Range": "bytes=0-0"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout):
-                problems.append(None)
-        except urllib.error.HTTPError as e:
-            problems.append(f"HTTP {e.code}")
-        except (OSError, ValueError, http.client.HTTPException) as e:  # DNS, refused, TLS...
-            problems.append(str(getattr(e, "reason", e)))
-
-    thread = threading.Thread(target=fetch, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return problems[0] if problems else f"no answer within {timeout:g} s"
-
-
-def check_download(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> str | None:
+def download_problem(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """'<url> (<problem>)' for the first of `urls` that cannot be fetched, or None.
 
     tfds retries a failing download for minutes; this answers within seconds.
     """
     for url in urls:
-        if problem := _fetch_problem(url, timeout):
-            return f"{url} ({problem})"
+        if (error := probe(url, timeout)) is not None:
+            return f"{url} ({describe(error)})"
     return None
 
 
@@ -129,7 +102,7 @@ def _prepare(builder: Any, name: str, download: bool) -> None:
             f"tfds dataset '{name}' is not prepared in {builder.data_dir} and "
             f"downloading is off; allow downloading or {_USE_FOLDER}."
         )
-    problem = check_download(sorted(builder.url_infos or {}))
+    problem = download_problem(sorted(builder.url_infos or {}))
     if problem:
         raise UserError(f"Cannot download tfds dataset '{name}' from {problem}; {_USE_FOLDER}.")
     try:

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.inference.output import check_output_path
+from resnet_jax.inference.output import output_format
 from resnet_jax.models.registry import EvalTransform
-from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write
+from resnet_jax.runtime.plotting import matplotlib_figure
 from resnet_jax.training.confusion import class_accuracy, confusion_png
 
 __all__ = ["CSV_COLUMNS", "OTHER", "EvalResult", "write_confusion_png", "write_result"]
@@ -109,7 +109,7 @@ class EvalResult:
 
 def write_result(path: str | os.PathLike, result: EvalResult) -> None:
     """--output: `.json` the --json document, `.csv` one row per class (CSV_COLUMNS); atomic."""
-    if check_output_path(path) == "json":
+    if output_format(path) == "json":
         text = json.dumps(result.to_dict()) + "\n"
     else:
         buffer = io.StringIO()
@@ -127,8 +127,7 @@ def write_confusion_png(path: str | os.PathLike, result: EvalResult) -> None:
     data = result.data
     if not data.startswith("tfds "):
         data = "/".join(Path(data).parts[-2:])  # the end of the path: a title has little room
+    matplotlib_figure("--confusion-png")  # a UserError without matplotlib
     png = confusion_png(matrix, names, f"{result.arch} on {data}")
-    if png is None:
-        raise UserError("--confusion-png needs matplotlib; install it: pip install matplotlib.")
     with atomic_write(path, "wb") as f:
         f.write(png)

@@ -18,10 +18,22 @@ from resnet_jax.inference.predictor import Prediction
 from resnet_jax.models.registry import EvalTransform
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write, make_folder
+from resnet_jax.runtime.plotting import matplotlib_figure
 
-__all__ = ["CAM_SUFFIX", "ORIGINAL_LINE", "ORIGINAL_TITLE", "ORIGINAL_TOP_K", "check_cam_dir",
-           "check_output_path", "check_plot_path", "format_text", "plot", "save_cams",
-           "to_records", "write_output"]  # fmt: skip
+__all__ = [
+    "CAM_SUFFIX",
+    "ORIGINAL_LINE",
+    "ORIGINAL_TITLE",
+    "ORIGINAL_TOP_K",
+    "check_cam_dir",
+    "check_plot_path",
+    "format_text",
+    "output_format",
+    "plot",
+    "save_cams",
+    "to_records",
+    "write_output",
+]  # fmt: skip
 
 ORIGINAL_TOP_K = 5  # rows printed per image for heads with more than 10 classes
 ORIGINAL_LINE = "class: {:10} prob: {:.3}"  # the original predict.py's printed line
@@ -63,7 +75,7 @@ def to_records(
     ]
 
 
-def check_output_path(path: str | os.PathLike) -> str:
+def output_format(path: str | os.PathLike) -> str:
     """The format of an --output file, 'json' or 'csv' from its suffix; UserError otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
@@ -74,7 +86,7 @@ def check_output_path(path: str | os.PathLike) -> str:
 def write_output(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write `to_records` output atomically: `.json` as the --json document, `.csv` one row
     per (image, prediction) with columns image, rank, index, class, prob."""
-    if check_output_path(path) == "json":
+    if output_format(path) == "json":
         text = json.dumps(records, indent=2) + "\n"
     else:
         buffer = io.StringIO()
@@ -88,18 +100,10 @@ def write_output(path: str | os.PathLike, records: list[dict[str, Any]]) -> None
         f.write(text)
 
 
-def _matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError(
-            "Plotting needs matplotlib; install it with `pip install resnet_jax[plot]`."
-        ) from None
-    return matplotlib
-
-
 def _pyplot(show: bool) -> Any:
-    matplotlib = _matplotlib()
+    matplotlib_figure("Plotting")
+    import matplotlib
+
     if not show:
         matplotlib.use("Agg")  # write the file without needing a display
     import matplotlib.pyplot as plt
@@ -167,7 +171,7 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> None:
 def check_cam_dir(folder: str | os.PathLike) -> None:
     """UserError, before any work, if matplotlib is missing or the --cam folder cannot be made;
     creates the folder."""
-    _matplotlib()
+    matplotlib_figure("--cam")
     make_folder(folder)
 
 
@@ -191,9 +195,7 @@ def save_cams(
 ) -> list[Path]:
     """For each prediction with a Grad-CAM map: the eval-cropped image the model saw, its map
     upsampled and overlaid (jet colormap), titled with the top class, as FOLDER/<stem>.cam.png."""
-    _matplotlib()
-    from matplotlib.figure import Figure  # drawn without pyplot: no display, no global state
-
+    Figure = matplotlib_figure("--cam")
     written = []
     for p, name in zip(predictions, _cam_names(predictions)):
         if p.cam is None:

@@ -56,9 +56,8 @@ class BasicBlock(ResidualBlock):
     """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
 
     expansion: ClassVar[int] = 1
-    # XLA:CPU (YNNPACK) runs back-to-back 3x3 convs on small maps as one fused subgraph, much
-    # slower than patch products: ResNet-34 batch-1 latency 60 -> 35 ms, train step 1.64 ->
-    # 1.53 s at batch 16. Bottleneck's 3x3 convs sit between matmuls; this rule slows them.
+    # XLA:CPU fuses back-to-back 3x3 convs on small maps into one slow subgraph; patch products
+    # avoid it. Bottleneck's 3x3 convs sit between matmuls, where the rule would slow them.
     patch_pixels: ClassVar[int] = 1024
 
     @nn.compact

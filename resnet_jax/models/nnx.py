@@ -1,8 +1,9 @@
 """The Linen ResNets as Flax NNX modules: one architecture (`resnet.py`), two APIs.
 
-`create_model` wraps a Linen `resnet.ResNet` and its variables in `ResNet`, an `nnx.Module`
-whose `nnx.Param` and `nnx.BatchStat` variables carry the Linen names (`layer1_0/conv1/kernel`),
-so converted torchvision weights load as they are and `to_linen_variables` gives them back.
+`create_nnx_model` wraps a Linen `resnet.ResNet` and its variables in `NnxResNet`, an
+`nnx.Module` whose `nnx.Param` and `nnx.BatchStat` variables carry the Linen names
+(`layer1_0/conv1/kernel`), so converted torchvision weights load as they are and
+`to_linen_variables` gives them back.
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.models import factory, resnet
+from resnet_jax.models.variables import check_fits, expected_variables
 from resnet_jax.runtime.errors import UserError
 
-__all__ = ["COLLECTIONS", "ResNet", "create_model", "to_linen_variables"]
+__all__ = ["COLLECTIONS", "NnxResNet", "create_nnx_model", "to_linen_variables"]
 
 # Linen collection -> the NNX variable type that holds its arrays.
 COLLECTIONS: dict[str, type[nnx.Variable]] = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 
 
-class ResNet(nnx.Module):
+class NnxResNet(nnx.Module):
     """A Linen ResNet and its variables as one stateful NNX module: NHWC images -> logits.
 
     Like a torch module and `nnx.BatchNorm`, it starts in train mode (batch statistics, the
     running ones updated as torch does); `eval()` switches to the running statistics.
-    `create_model` checks the variables against the architecture; this constructor does not.
+    `create_nnx_model` checks the variables against the architecture; this constructor does not.
     """
 
     def __init__(self, linen: resnet.ResNet, variables: Mapping[str, Any]):
@@ -52,27 +54,27 @@ class ResNet(nnx.Module):
         return logits
 
 
-def to_linen_variables(model: ResNet) -> dict[str, Any]:
+def to_linen_variables(model: NnxResNet) -> dict[str, Any]:
     """The model's {'params', 'batch_stats'} as Linen holds them (for `save_variables`)."""
     return {c: nnx.to_pure_dict(nnx.state(model, kind)) for c, kind in COLLECTIONS.items()}
 
 
-def create_model(
+def create_nnx_model(
     arch: str,
     *,
     num_classes: int = 1000,
     rngs: nnx.Rngs | None = None,
     variables: Mapping[str, Any] | None = None,
     **fields: Any,
-) -> ResNet:
-    """The NNX `ResNet` of `factory.create_model(arch, num_classes=..., **fields)`, holding
+) -> NnxResNet:
+    """The `NnxResNet` of `factory.create_model(arch, num_classes=..., **fields)`, holding
     `variables` ({'params', 'batch_stats'}, e.g. from `load_variables`) or fresh ones from
     `rngs` (default `nnx.Rngs(0)`)."""
     linen = factory.create_model(arch, num_classes=num_classes, **fields)
     if variables is None:
         key = (rngs if rngs is not None else nnx.Rngs(0)).params()
-        return ResNet(linen, factory.init_variables(linen, key))
-    return ResNet(linen, _fitted(linen, arch, variables))
+        return NnxResNet(linen, factory.init_variables(linen, key))
+    return NnxResNet(linen, _fitted(linen, arch, variables))
 
 
 def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
@@ -83,26 +85,10 @@ def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
             f"variables= must be a dict with 'params' and 'batch_stats' for {model}, "
             "as resnet_jax.load_variables returns."
         )
-    want = flatten_dict(jax.eval_shape(lambda: factory.init_variables(linen)))
     have = flatten_dict({c: dict(variables[c]) for c in COLLECTIONS})
-    shapes = {path: tuple(jnp.shape(value)) for path, value in have.items()}
-    named = {
-        "missing": ["/".join(p) for p in want if p not in have],
-        "unexpected": ["/".join(p) for p in have if p not in want],
-        "wrong shape": [
-            f"{'/'.join(p)} {shape} (expected {want[p].shape})"
-            for p, shape in shapes.items()
-            if p in want and shape != want[p].shape
-        ],
-    }
-    if any(named.values()):
-        problems = "; ".join(
-            f"{len(items)} {label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-            for label, items in named.items()
-            if items
-        )
-        raise UserError(
-            f"These variables do not fit {model}: {problems}; "
-            "pass the arch, num_classes and head they were made with."
-        )
+    want = expected_variables(linen)
+    check_fits(
+        variables, want, f"These variables do not fit {model}",
+        advice="pass the arch, num_classes and head they were made with",
+    )  # fmt: skip
     return unflatten_dict({p: jnp.asarray(have[p], want[p].dtype) for p in want})

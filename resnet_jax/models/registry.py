@@ -1,8 +1,9 @@
 """Every architecture's facts in one table: its structure, torchvision's ImageNet weights with
 the eval transform they were measured with, and its parameter count.
 
-The factories (models.py), architecture detection (convert.py), downloads (weights.py), the
-eval sizes (transforms.py), the tests and the README's table all read `ARCHITECTURES`.
+The factories (models/factory.py), architecture detection (weights/torch_names.py), downloads
+(weights/download.py), the eval sizes (data/transforms.py), the tests and the README's table
+all read `ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize the shorter side to `resize_size`, centre-crop `crop_size`, normalise."""
+    """Resize the shorter side to `resize_size` (bilinear), centre-crop `crop_size`, normalise."""
 
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
 
 
 IMAGENET_EVAL = EvalTransform()

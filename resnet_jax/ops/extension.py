@@ -26,7 +26,7 @@ from jax import lax
 from resnet_jax.runtime.errors import UserError
 
 __all__ = [
-    "ENV",
+    "CONV_ENV",
     "available",
     "batch_norm",
     "batch_norm_train",
@@ -36,7 +36,7 @@ __all__ = [
     "use_onednn",
 ]
 
-ENV = "RESNET_JAX_CONV"
+CONV_ENV = "RESNET_JAX_CONV"
 _PASSES = ("Forward", "InputGrad", "KernelGrad")
 
 
@@ -84,13 +84,13 @@ def available() -> bool:
 
 def conv_path() -> str:
     """ "onednn" or "xla": RESNET_JAX_CONV if set, else onednn where the extension is built."""
-    forced = os.environ.get(ENV, "").strip().lower()
+    forced = os.environ.get(CONV_ENV, "").strip().lower()
     if forced not in ("", "xla", "onednn"):
-        raise UserError(f"{ENV}={forced!r} is not a convolution path: use 'xla' or 'onednn'")
+        raise UserError(f"{CONV_ENV}={forced!r} is not a convolution path: use 'xla' or 'onednn'")
     if forced == "onednn" and not available():
         raise UserError(
-            f"{ENV}=onednn but {_load()}: reinstall with g++ present (pip install -e .) "
-            f"or set {ENV}=xla"
+            f"{CONV_ENV}=onednn but {_load()}: reinstall with g++ present (pip install -e .) "
+            f"or set {CONV_ENV}=xla"
         )
     if forced:
         return forced

@@ -33,8 +33,8 @@ def conv2d(
 
 
 # On CPU, grouped convolutions up to this many input channels run as dense ones with a
-# block-diagonal kernel: XLA:CPU's grouped kernels are so slow (2-10 GFLOP/s) that `groups`
-# times the FLOPs at dense speed wins below it (ResNeXt-50 layer1 at batch 16: 200 -> 35 ms).
+# block-diagonal kernel: XLA:CPU's grouped kernels are so slow that `groups` times the FLOPs
+# at dense speed wins below it (benchmarks/RESULTS.md).
 DENSE_GROUPED_MAX_CHANNELS = 256
 
 
@@ -63,7 +63,7 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, gro
     """A grouped convolution (ResNeXt) at a speed XLA:CPU can afford.
 
     On CPU the kernel gradient is the dense one (`groups` times the FLOPs) restricted to the
-    diagonal blocks, XLA's grouped one being 50-200x slower; narrow layers also run forward and
+    diagonal blocks, XLA's grouped one being much slower; narrow layers also run forward and
     input gradient as dense convolutions (DENSE_GROUPED_MAX_CHANNELS). Elsewhere: XLA's own.
     """
     return _grouped_on_cpu(x, kernel, groups, lambda x, w, g: conv2d(x, w, stride, padding, g))
@@ -102,7 +102,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A 1x1 convolution, NHWC x (in, out), as one matrix product over channels.
 
     The kernel gradient is taken over flattened rows: from the 4-D contraction that autodiff
-    writes, XLA:CPU first transposes the output gradient (ResNet-50 step 2.5 -> 1.9 s).
+    writes, XLA:CPU first transposes the output gradient.
     """
     return jnp.dot(x, kernel)
 
@@ -198,13 +198,13 @@ def conv(
     k = kernel.shape[0]
     if k == 1 and groups == 1:
         # Written as a matrix product, XLA:CPU computes the weight gradient as a plain matmul
-        # instead of a slow transposed convolution (about 2x faster ResNet-50 training on CPU).
+        # instead of a slow transposed convolution.
         return pointwise_conv(x[:, ::stride, ::stride, :], kernel[0, 0])
     if groups > 1:
         return grouped_conv(x, kernel, stride, padding, groups)
     if min(x.shape[1:3]) < k:
         # XLA:CPU runs a convolution whose input is smaller than its window (layer4 of
-        # 32-64 px images) up to 80x slower than the same product over stacked patches.
+        # 32-64 px images) far slower than the same product over stacked patches.
         return patch_conv(x, kernel, stride, padding)
     if x.shape[0] * x.shape[1] * x.shape[2] <= patch_pixels:
         return lax.platform_dependent(

@@ -1,4 +1,5 @@
-"""Where resnet_jax keeps downloads and compiled programs, and JAX's persistent compilation cache."""
+"""Cache folders: where resnet_jax keeps downloads and compiled programs (and JAX's persistent
+compilation cache there), and where torch hub keeps the weights it downloaded."""
 
 from __future__ import annotations
 
@@ -7,14 +8,25 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["default_cache_dir", "enable_compilation_cache"]
+__all__ = ["default_cache_dir", "enable_compilation_cache", "torch_hub_dir"]
+
+
+def _user_cache() -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache: where programs keep their caches."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def default_cache_dir() -> Path:
     """$RESNET_JAX_CACHE, else $XDG_CACHE_HOME/resnet_jax, else ~/.cache/resnet_jax."""
     if os.environ.get("RESNET_JAX_CACHE"):
         return Path(os.environ["RESNET_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_jax"
+    return _user_cache() / "resnet_jax"
+
+
+def torch_hub_dir() -> Path:
+    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints (TORCH_HOME
+    defaults to $XDG_CACHE_HOME/torch)."""
+    return Path(os.environ.get("TORCH_HOME") or _user_cache() / "torch") / "hub" / "checkpoints"
 
 
 def enable_compilation_cache() -> None:

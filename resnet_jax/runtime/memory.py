@@ -1,11 +1,10 @@
 """glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in.
 
-XLA:CPU allocates the temporaries of each run of a compiled function (1.4 GB for a ResNet-50
-train step at batch 16) with malloc on its worker threads and frees them afterwards. glibc
-serves blocks that large with a fresh mmap from a thread's arena and unmaps them on free, so
-every step page-faults its whole working memory in again: 337k faults, 0.6 s of kernel time and
-10% of the wall time of that step on the 2-core machine. With one arena, no mmap and no trimming,
-freed memory stays in the process and the next step reuses it (0 faults per step).
+XLA:CPU allocates the temporaries of each run of a compiled function with malloc on its worker
+threads and frees them afterwards. glibc serves blocks that large with a fresh mmap from a
+thread's arena and unmaps them on free, so every step page-faults its whole working memory in
+again. With one arena, no mmap and no trimming, freed memory stays in the process and the next
+step reuses it (benchmarks/RESULTS.md has the figures).
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ import os
 import platform
 import sys
 
-__all__ = ["ENV", "keep_freed_memory"]
+__all__ = ["KEEP_MEMORY_ENV", "keep_freed_memory"]
 
-ENV = "RESNET_JAX_KEEP_MEMORY"  # "0" leaves malloc as it is
+KEEP_MEMORY_ENV = "RESNET_JAX_KEEP_MEMORY"  # "0" leaves malloc as it is
 
 # mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -41,7 +40,7 @@ def keep_freed_memory() -> bool:
     they have. Applied on Linux with glibc when JAX runs on the CPU, unless RESNET_JAX_KEEP_MEMORY
     is 0. The process then holds on to its peak memory until it exits.
     """
-    if os.environ.get(ENV, "").strip() == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(KEEP_MEMORY_ENV, "").strip() == "0" or not sys.platform.startswith("linux"):
         return False
     if platform.libc_ver()[0] != "glibc" or _accelerator_plugin():
         return False

@@ -71,10 +71,6 @@ class Checkpoints:
         """The epoch of the newest complete checkpoint, or None if there is none."""
         return self._manager.latest_step()
 
-    def all_epochs(self) -> list[int]:
-        """Epochs of the complete checkpoints on disk."""
-        return list(self._manager.all_steps())
-
     def save(
         self, epoch: int, state: TrainState, meta: dict[str, Any], val_accuracy: float | None
     ) -> None:
@@ -191,9 +187,9 @@ def _quiet_orbax_failures() -> None:
     - orbax logs the failure of a background write (through absl) up to five times.
     - orbax runs tensorstore's reads and writes in an asyncio loop that it closes as soon as
       one fails; the others still finish in tensorstore's threads, and each reports
-      "RuntimeError: Event loop is closed" through `sys.unraisablehook` (20 tracebacks after a
-      truncated checkpoint, 83 after a full disk, measured on resnet18), or, failing too, is
-      logged by asyncio as "Task exception was never retrieved" when the process exits.
+      "RuntimeError: Event loop is closed" through `sys.unraisablehook` (dozens of tracebacks),
+      or, failing too, is logged by asyncio as "Task exception was never retrieved" when the
+      process exits.
     """
     for name in ("absl", "asyncio"):  # orbax logs through absl.logging
         logger = logging.getLogger(name)

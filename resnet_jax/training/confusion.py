@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from resnet_jax.runtime.plotting import matplotlib_figure
+
 __all__ = ["class_accuracy", "confusion_png"]
 
 ANNOTATED_CLASSES = 30  # up to this many classes the cells show their counts
@@ -30,9 +32,8 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str) -> byt
     """The matrix as PNG bytes, titled `title: accuracy 0.874`: colours are the share of each
     true class (rows sum to 1), cells show the counts, row labels the class's examples; None
     when matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError:
+    Figure = matplotlib_figure()
+    if Figure is None:
         return None
     matrix = np.asarray(matrix)
     n = len(classes)

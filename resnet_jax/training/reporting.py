@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from resnet_jax.runtime.files import atomic_write
+from resnet_jax.runtime.plotting import matplotlib_figure
 from resnet_jax.training.confusion import confusion_png
 
 __all__ = [
@@ -73,11 +74,11 @@ def write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
     """Loss and accuracy per epoch as a PNG; does nothing when matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
+    Figure = matplotlib_figure()
+    if Figure is None:
         return
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(9, 3.5), layout="tight")
     loss_ax, acc_ax = fig.subplots(1, 2)

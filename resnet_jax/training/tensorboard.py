@@ -22,10 +22,9 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
 from resnet_jax.runtime.files import write_error
+from resnet_jax.training.steps import Totals
 
 __all__ = ["TensorBoard"]
-
-Totals = dict[str, Any]  # steps.Totals: device scalars, read here only every `every` steps
 
 
 class TensorBoard:

@@ -16,7 +16,8 @@ import numpy as np
 from resnet_jax.models.factory import init_variables
 from resnet_jax.models.resnet import APPENDED_FC_CLASSES, ResNet
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.weights.io import load_variables, pretrained_path
+from resnet_jax.weights.download import pretrained_path
+from resnet_jax.weights.io import load_variables
 from resnet_jax.weights.torch_names import check_variables, head_of, num_classes_of
 
 __all__ = ["initial_variables"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import http.client
 import inspect
 import json
 import logging
@@ -22,41 +21,33 @@ import re
 import ssl
 import sys
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from resnet_jax.runtime.errors import UserError
+from resnet_jax.runtime.network import describe, probe
+from resnet_jax.weights.download import show_download_progress
 from resnet_jax.weights.metadata import ModelMetadata, read_file_metadata
-from resnet_jax.weights.torch_names import check_torch_shapes
+from resnet_jax.weights.torch_names import arch_from_torch_shapes
 
 __all__ = [
     "HUB_PREFIX",
-    "LARGE_DOWNLOAD_BYTES",
     "HubRef",
     "hub_metadata",
     "hub_weights_path",
     "is_hub_ref",
-    "show_download_progress",
 ]
 
 HUB_PREFIX = "hf:"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-PROBE_TIMEOUT_S = 10
-LARGE_DOWNLOAD_BYTES = 64 << 20  # a bar is shown for these even when stderr is a log file
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _TRUE = {"1", "on", "yes", "true"}
 _CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 _PROBED: dict[str, str | None] = {}  # endpoint -> why it was unreachable, None if it answered
 _WARNED: set[tuple[HubRef, str]] = set()  # (ref, file) that was missing offline, said once
-
-
-def show_download_progress(total: int | None) -> bool:
-    """Whether a download of `total` bytes shows a bar: on a terminal, or when it is large."""
-    return sys.stderr.isatty() or (total or 0) >= LARGE_DOWNLOAD_BYTES
 
 
 def is_hub_ref(spec: str | os.PathLike) -> bool:
@@ -121,16 +112,14 @@ def _unreachable(endpoint: str) -> str | None:
     """Why the hub at `endpoint` cannot be reached (None if it answers at all), found within
     PROBE_TIMEOUT_S where huggingface_hub would retry for about 20 s; asked once a process."""
     if endpoint not in _PROBED:
-        try:
-            request = urllib.request.Request(endpoint, method="HEAD")
-            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S):
-                _PROBED[endpoint] = None
-        except urllib.error.HTTPError:  # any answer means the hub is there
-            _PROBED[endpoint] = None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            reason = getattr(e, "reason", None) or e
-            # Certificates are huggingface_hub's to check (it may trust others than urllib does).
-            _PROBED[endpoint] = None if isinstance(reason, ssl.SSLError) else str(reason)
+        error = probe(endpoint)
+        # Any HTTP answer means the hub is there; certificates are huggingface_hub's to check.
+        answered = (
+            error is None
+            or isinstance(error, (urllib.error.HTTPError, ssl.SSLError))
+            or isinstance(getattr(error, "reason", None), ssl.SSLError)
+        )
+        _PROBED[endpoint] = None if answered else describe(error)
     return _PROBED[endpoint]
 
 
@@ -146,12 +135,11 @@ def _quiet_hub_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _download(ref: HubRef, filename: str, required: bool = True) -> Path | None:
+def _fetch(ref: HubRef, filename: str, required: bool = True) -> Path | None:
     """The cached path of `filename` in `ref`, downloaded if needed; None if it does not exist
     and not `required`. Offline or unreachable, the cache answers. UserError for every failure,
     in one sentence."""
     import huggingface_hub
-    from huggingface_hub import utils as hub_errors
 
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or DEFAULT_ENDPOINT
     unreachable = None if _offline() else _unreachable(endpoint)
@@ -164,67 +152,76 @@ def _download(ref: HubRef, filename: str, required: bool = True) -> Path | None:
     if "tqdm_class" in inspect.signature(huggingface_hub.hf_hub_download).parameters:
         kwargs["tqdm_class"] = _progress_class()  # older releases always show their own bar
     if kwargs["local_files_only"] and not required:
-        cached = huggingface_hub.try_to_load_from_cache(
-            ref.repo, filename, cache_dir=kwargs["cache_dir"], revision=ref.revision
-        )
-        if cached is None and (ref, filename) not in _WARNED:  # cached by another program?
-            _WARNED.add((ref, filename))
-            print(
-                f"warning: {filename} of {ref} is not in the Hugging Face cache and the hub "
-                "cannot be asked; the architecture's ImageNet eval transform is used.",
-                file=sys.stderr,
-            )
-        if not isinstance(cached, str):  # not cached, or the hub said it has none
-            return None
-    instead = f"download {WEIGHTS_FILE} from the repository and pass --weights PATH"
+        return _cached(ref, filename, kwargs["cache_dir"])
     try:
         with _quiet_hub_logs():
             return Path(huggingface_hub.hf_hub_download(ref.repo, filename, **kwargs))
-    except hub_errors.LocalEntryNotFoundError as e:  # before EntryNotFoundError: a subclass
-        if _offline():
-            raise UserError(
-                f"HF_HUB_OFFLINE is set and {filename} of {ref} is not in the Hugging Face cache; "
-                f"unset HF_HUB_OFFLINE to download it, or {instead}."
-            ) from None
-        raise UserError(
-            f"Cannot reach the Hugging Face hub at {endpoint} for {ref} "
-            f"({unreachable or _reason(e)}): connect, or check HF_ENDPOINT, or {instead}."
-        ) from None
-    except hub_errors.GatedRepoError:
-        raise UserError(
-            f"{ref} is gated: accept its terms on the hub, then log in (hf auth login or HF_TOKEN)."
-        ) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise UserError(
-            f"There is no repository {ref.repo} on the Hugging Face hub (or it is private); check "
-            "the name, e.g. hf:timm/resnet50.tv_in1k, or log in for a private one."
-        ) from None
-    except hub_errors.RevisionNotFoundError:
-        raise UserError(
-            f"{ref.repo} has no revision '{ref.revision}' on the Hugging Face hub; give a branch, "
-            f"tag or commit it has, or drop @{ref.revision}."
-        ) from None
-    except hub_errors.EntryNotFoundError:
-        if not required:
+    except Exception as e:
+        kind = _failure_kind(e)
+        if kind == "no such file" and not required:
             return None
-        raise UserError(
-            f"{ref} has no {filename}; use a repository of torchvision-named safetensors "
-            "weights, such as hf:timm/resnet50.tv_in1k."
-        ) from None
-    except hub_errors.HfHubHTTPError as e:
-        raise UserError(
-            f"The Hugging Face hub refused {filename} of {ref} ({_reason(e)}); try again later, "
-            f"or {instead}."
-        ) from None
-    except Exception as e:  # the cache folder, a dropped connection mid-download, ...
-        if isinstance(e, OSError) and e.errno in _CACHE_ERRNOS:
-            raise UserError(
-                f"Cannot write {filename} of {ref} to the Hugging Face cache ({e.strerror}); set "
-                "HF_HOME to a writable folder with space."
-            ) from e
-        raise UserError(
-            f"Downloading {filename} of {ref} failed ({_reason(e)}); try again, or {instead}."
-        ) from e
+        facts = {"ref": ref, "file": filename, "endpoint": endpoint, "instead": _INSTEAD,
+                 "reason": unreachable or _reason(e), "strerror": getattr(e, "strerror", "")}  # fmt: skip
+        raise UserError(_FAILURES[kind].format(**facts)) from e
+
+
+def _cached(ref: HubRef, filename: str, cache_dir: str | None) -> Path | None:
+    """`filename` of `ref` from the cache when the hub cannot be asked; None, with a warning
+    (once), where the cache lacks it."""
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(
+        ref.repo, filename, cache_dir=cache_dir, revision=ref.revision
+    )
+    if cached is None and (ref, filename) not in _WARNED:  # cached by another program?
+        _WARNED.add((ref, filename))
+        print(
+            f"warning: {filename} of {ref} is not in the Hugging Face cache and the hub "
+            "cannot be asked; the architecture's ImageNet eval transform is used.",
+            file=sys.stderr,
+        )
+    return Path(cached) if isinstance(cached, str) else None  # not a str: the hub said none
+
+
+_INSTEAD = f"download {WEIGHTS_FILE} from the repository and pass --weights PATH"
+# What a failed download says, by kind (`_failure_kind`); formatted with `_fetch`'s facts.
+_FAILURES = {
+    "offline": "HF_HUB_OFFLINE is set and {file} of {ref} is not in the Hugging Face cache; "
+    "unset HF_HUB_OFFLINE to download it, or {instead}.",
+    "unreachable": "Cannot reach the Hugging Face hub at {endpoint} for {ref} ({reason}): "
+    "connect, or check HF_ENDPOINT, or {instead}.",
+    "gated": "{ref} is gated: accept its terms on the hub, then log in (hf auth login or "
+    "HF_TOKEN).",
+    "no such repository": "There is no repository {ref.repo} on the Hugging Face hub (or it is "
+    "private); check the name, e.g. hf:timm/resnet50.tv_in1k, or log in for a private one.",
+    "no such revision": "{ref.repo} has no revision '{ref.revision}' on the Hugging Face hub; "
+    "give a branch, tag or commit it has, or drop @{ref.revision}.",
+    "no such file": "{ref} has no {file}; use a repository of torchvision-named safetensors "
+    "weights, such as hf:timm/resnet50.tv_in1k.",
+    "refused": "The Hugging Face hub refused {file} of {ref} ({reason}); try again later, or "
+    "{instead}.",
+    "cache": "Cannot write {file} of {ref} to the Hugging Face cache ({strerror}); set HF_HOME "
+    "to a writable folder with space.",
+    "failed": "Downloading {file} of {ref} failed ({reason}); try again, or {instead}.",
+}
+
+
+def _failure_kind(error: Exception) -> str:
+    """Which of `_FAILURES` an exception of `hf_hub_download` is, the most specific first."""
+    from huggingface_hub import utils as hub_errors
+
+    kinds = (  # a subclass before its base: LocalEntryNotFoundError is an EntryNotFoundError
+        (hub_errors.LocalEntryNotFoundError, "offline" if _offline() else "unreachable"),
+        (hub_errors.GatedRepoError, "gated"),
+        (hub_errors.RepositoryNotFoundError, "no such repository"),
+        (hub_errors.RevisionNotFoundError, "no such revision"),
+        (hub_errors.EntryNotFoundError, "no such file"),
+        (hub_errors.HfHubHTTPError, "refused"),
+    )
+    kind = next((kind for cls, kind in kinds if isinstance(error, cls)), "failed")
+    if kind == "failed" and isinstance(error, OSError) and error.errno in _CACHE_ERRNOS:
+        return "cache"
+    return kind
 
 
 def _reason(error: BaseException) -> str:
@@ -239,8 +236,8 @@ def hub_weights_path(spec: str | os.PathLike) -> Path:
     """The local (cached) `model.safetensors` of `hf:ORG/NAME[@REVISION]`, downloaded once with
     its config.json, so that `hub_metadata` works offline later."""
     ref = HubRef.parse(spec)
-    path = _download(ref, WEIGHTS_FILE)
-    _download(ref, CONFIG_FILE, required=False)
+    path = _fetch(ref, WEIGHTS_FILE)
+    _fetch(ref, CONFIG_FILE, required=False)
     return path
 
 
@@ -249,7 +246,7 @@ def hub_metadata(spec: str | os.PathLike) -> ModelMetadata | None:
     and shapes, the eval transform from timm's config.json (the registry's without one).
     None for weights without a classification head."""
     ref = HubRef.parse(spec)
-    weights = _download(ref, WEIGHTS_FILE)
+    weights = _fetch(ref, WEIGHTS_FILE)
     own = read_file_metadata(weights)  # a file written here and uploaded carries ours
     if own is not None:
         return own
@@ -263,13 +260,13 @@ def hub_metadata(spec: str | os.PathLike) -> ModelMetadata | None:
             f"{WEIGHTS_FILE} of {ref} is damaged ({_reason(e)}); delete it from the Hugging Face "
             "cache and try again."
         ) from e
-    arch = check_torch_shapes(shapes)
+    arch = arch_from_torch_shapes(shapes)
     head = "append" if "head.weight" in shapes else "replace"
     last = shapes.get("head.weight" if head == "append" else "fc.weight")
     if last is None:
         return None
     metadata = ModelMetadata.default(arch, last[0], head)
-    config = _download(ref, CONFIG_FILE, required=False)
+    config = _fetch(ref, CONFIG_FILE, required=False)
     if config is None:
         return metadata
     return dataclasses.replace(metadata, **_transform_fields(config, ref, metadata))

@@ -1,5 +1,5 @@
-"""Save and load Flax variables (.msgpack, .safetensors, .pth, or `hf:ORG/NAME` on the Hugging
-Face hub, see hub.py) and fetch torchvision's ImageNet weights.
+"""Save and load Flax variables: .msgpack, .safetensors, .pth, or `hf:ORG/NAME` on the Hugging
+Face hub (hub.py).
 
 `.msgpack` keeps the Flax tree as is; `.safetensors` is written with torchvision's names and
 layouts, so `torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(p))` works.
@@ -8,12 +8,7 @@ Both can carry a `metadata.ModelMetadata` (classes, eval transform, head layout)
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +16,18 @@ import jax
 import numpy as np
 from flax import serialization
 from flax.core import unfreeze
-from tqdm import tqdm
 
-from resnet_jax.models.registry import ARCHITECTURES, get_architecture, sha256_prefix
-from resnet_jax.runtime.cache import default_cache_dir
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.runtime.files import atomic_write, make_folder
-from resnet_jax.weights.hub import (
-    hub_metadata,
-    hub_weights_path,
-    is_hub_ref,
-    show_download_progress,
-)
-from resnet_jax.weights.metadata import (
-    METADATA_KEY,
-    ModelMetadata,
-    check_metadata,
-    read_file_metadata,
-)
+from resnet_jax.runtime.files import atomic_write
+from resnet_jax.weights.hub import hub_metadata, hub_weights_path, is_hub_ref
+from resnet_jax.weights.metadata import METADATA_KEY, ModelMetadata, read_file_metadata
 from resnet_jax.weights.torch_format import load_torch_state_dict
-from resnet_jax.weights.torch_names import (
-    check_torch_shapes,
-    flax_to_torch,
-    head_of,
-    num_classes_of,
-    resolve_arch,
-    torch_to_flax,
-)
+from resnet_jax.weights.torch_names import arch_from_torch_shapes, flax_to_torch, torch_to_flax
 
-__all__ = [
-    "WEIGHT_SUFFIXES",
-    "WEIGHT_URLS",
-    "convert_file",
-    "convert_folder",
-    "load_variables",
-    "pretrained_path",
-    "read_metadata",
-    "save_variables",
-    "torch_hub_dir",
-]
+__all__ = ["WEIGHT_SUFFIXES", "load_variables", "read_metadata", "save_variables"]
 
-# torchvision's IMAGENET1K_V1 weights by architecture (kept as a name; the registry holds them).
-WEIGHT_URLS: dict[str, str] = {name: a.weights.url for name, a in ARCHITECTURES.items()}
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".msgpack")  # what load_variables reads
-DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails fast
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
 
 
 def save_variables(
@@ -109,7 +70,7 @@ def load_variables(path: str | os.PathLike) -> dict:
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
         # Names and shapes are checked against the architectures before any tensor is read.
-        return torch_to_flax(load_torch_state_dict(path, check=check_torch_shapes))
+        return torch_to_flax(load_torch_state_dict(path, check=arch_from_torch_shapes))
     if suffix != ".msgpack":
         raise UserError(
             f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth or .pt file."
@@ -154,141 +115,3 @@ def _check_tree(tree: dict, path: Path, where: str = "") -> None:
                 f"{path} holds a value of type {type(value).__name__} at '{name}' where Flax "
                 f"variables have {'an array' if where else 'a dict'}; check the file."
             )
-
-
-def torch_hub_dir() -> Path:
-    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("TORCH_HOME") or Path(cache) / "torch") / "hub" / "checkpoints"
-
-
-def _hash_prefix(filename: str) -> str:
-    """`resnet18-f37072fd.pth` -> `f37072fd`: the part after the last '-' before the suffix."""
-    prefix = sha256_prefix(filename)
-    if prefix is None:
-        raise UserError(
-            f"Cannot verify '{filename}': its name has no '-<sha256 prefix>' before the suffix."
-        )
-    return prefix
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download(url: str, target: Path, hash_prefix: str, progress: bool) -> None:
-    """Stream `url` into a temp file beside `target`; it becomes `target` only if the hash fits."""
-    digest = hashlib.sha256()
-    try:
-        target.unlink(missing_ok=True)  # a damaged earlier download, if any
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
-                disable=not (progress and show_download_progress(total)),
-            )  # fmt: skip
-            with bar, atomic_write(target, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-                if not digest.hexdigest().startswith(hash_prefix):
-                    # Raising inside atomic_write deletes the temp file: nothing bad is kept.
-                    raise UserError(
-                        f"The file downloaded from {url} has sha256 {digest.hexdigest()[:12]}..., "
-                        f"not {hash_prefix}..., so it was deleted; try again, or pass a local "
-                        "file with --weights PATH."
-                    )
-    except _NETWORK_ERRORS as e:
-        reason = getattr(e, "reason", None) or e
-        raise UserError(
-            f"Could not download {url} ({reason}); check the connection, or pass a local file "
-            "with --weights PATH."
-        ) from e
-    except OSError as e:  # not the network: the cache folder
-        raise UserError(
-            f"Could not write {target} ({e.strerror or e}); set RESNET_JAX_CACHE to a writable "
-            "folder."
-        ) from e
-
-
-def pretrained_path(
-    arch: str,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    url: str | None = None,
-) -> Path:
-    """Path of torchvision's ImageNet weights for `arch`, downloaded once and sha256-checked
-    (with a bar on stderr if `progress` and it is a terminal or the file is large).
-
-    Looks in `cache_dir` (default: `default_cache_dir()`) and torch hub's cache first. `url`
-    replaces the registry's URL (a mirror, or a local server in tests); its file name must keep
-    the `-<sha256 prefix>` part.
-    """
-    if url is None:
-        url = get_architecture(arch).weights.url
-    filename = url.rsplit("/", 1)[-1]
-    hash_prefix = _hash_prefix(filename)
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / filename
-    for candidate in (target, torch_hub_dir() / filename):
-        if candidate.is_file() and _sha256(candidate).startswith(hash_prefix):
-            return candidate
-    _download(url, target, hash_prefix, progress)
-    return target
-
-
-def convert_file(
-    src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None
-) -> tuple[str, int]:
-    """Convert a weights file (.pth/.safetensors/.msgpack -> .msgpack/.safetensors), checking it;
-    its metadata, if any, goes along.
-
-    Returns the architecture and the number of parameters; `arch` makes a mismatch an error.
-    """
-    if Path(src).resolve() == Path(dst).resolve():
-        raise UserError(f"Source and destination are the same file ({src}); choose another name.")
-    variables = load_variables(src)
-    arch = resolve_arch(variables, arch)
-    metadata = read_metadata(src)
-    if metadata is not None:
-        check_metadata(metadata, arch, num_classes_of(variables), head_of(variables), src)
-    save_variables(dst, variables, metadata)
-    return arch, sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
-
-
-def convert_folder(
-    src: str | os.PathLike, dst: str | os.PathLike, suffix: str, arch: str | None = None
-) -> Iterator[tuple[Path, Path, tuple[str, int] | UserError]]:
-    """Convert every weights file in folder `src` to `dst/<name><suffix>`, with a progress bar.
-
-    Yields (source, destination, `convert_file`'s result or the UserError that stopped that
-    file): one bad file does not stop the others.
-    """
-    src, dst = Path(src), Path(dst)
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
-    if not files:
-        raise UserError(
-            f"{src} holds no weights file ({', '.join(WEIGHT_SUFFIXES)}); give a folder of them "
-            "or one file."
-        )
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"{dst} is a file; give a folder to convert the folder {src} into.")
-    make_folder(dst)
-    written: dict[Path, Path] = {}  # destination -> the source converted into it
-    for path in tqdm(files, desc="convert", unit="file", disable=None):
-        target = dst / (path.stem + suffix)
-        try:
-            if target in written:  # r18.pth and r18.safetensors both give r18.msgpack
-                raise UserError(
-                    f"{path} would overwrite {target}, converted from {written[target]}; "
-                    "convert it alone with another name."
-                )
-            yield path, target, convert_file(path, target, arch)
-            written[target] = path
-        except UserError as e:
-            yield path, target, e

@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from resnet_jax.models.factory import create_model, init_variables
+from resnet_jax.models.factory import create_model
 from resnet_jax.models.registry import ARCHITECTURES, find_architecture
+from resnet_jax.models.variables import VariablePath, check_fits, expected_variables
 from resnet_jax.runtime.errors import UserError
 
 __all__ = [
     "Variables",
+    "arch_from_torch_shapes",
     "check_variables",
     "detect_arch",
-    "expected_shapes",
     "flax_to_torch",
     "head_of",
     "num_classes_of",
@@ -93,7 +94,7 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def check_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+def arch_from_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     """The architecture a state dict's names and shapes fit (UserError if none): runs before
     the tensors are read, so a file cannot make us allocate more than a ResNet needs."""
     variables: Variables = {"params": {}, "batch_stats": {}}
@@ -176,55 +177,32 @@ def num_classes_of(variables: Variables) -> int | None:
     return None if last is None else int(np.shape(last["bias"])[0])
 
 
-def expected_shapes(
-    arch: str, num_classes: int | None = 1000, head: str = "replace"
-) -> dict[tuple[str, ...], tuple]:
-    """Flattened variable path -> shape for `arch` (no fc when `num_classes` is None)."""
-    model = create_model(
-        arch, num_classes=num_classes or 1, include_top=num_classes is not None, head=head
-    )
-    shapes = jax.eval_shape(lambda: init_variables(model))
-    return {path: tuple(v.shape) for path, v in flatten_dict(dict(shapes)).items()}
+def _torch_name(path: VariablePath, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """A variable's torch name and shape (Flax's, for what torch has no name for)."""
+    try:
+        return _torch_key(path, len(shape)), tuple(shape[i] for i in _TO_TORCH[len(shape)])
+    except KeyError:
+        return "/".join(path), shape
 
 
 def check_variables(variables: Variables, arch: str, num_classes: int | None = None) -> None:
-    """Raise a UserError listing missing, unexpected and wrongly-shaped tensors (torch names).
+    """Raise a UserError listing missing, unexpected and wrongly-shaped tensors (torch names),
+    or naming tensors that are not floating point.
 
     `num_classes=None` accepts whatever head the variables carry (or none at all).
     """
     if num_classes is None:
         num_classes = num_classes_of(variables)
-    want = expected_shapes(arch, num_classes, head_of(variables))
-    have = {p: tuple(np.shape(v)) for p, v in flatten_dict(dict(variables)).items()}
-
-    def name(path: tuple[str, ...], shape: tuple) -> str:
-        return _torch_key(path, len(shape)) if len(shape) in _TO_TORCH else "/".join(path)
-
-    def torch_shape(shape: tuple) -> tuple:
-        return tuple(shape[i] for i in _TO_TORCH[len(shape)]) if len(shape) in _TO_TORCH else shape
-
-    missing = [name(p, s) for p, s in want.items() if p not in have]
-    unexpected = [name(p, s) for p, s in have.items() if p not in want]
-    wrong = [
-        f"{name(p, want[p])} {torch_shape(s)} (expected {torch_shape(want[p])})"
-        for p, s in have.items()
-        if p in want and s != want[p]
-    ]
-    if missing or unexpected or wrong:
-        problems = []
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong),
-        ):
-            if items:
-                shown = ", ".join(items[:5]) + (
-                    f" and {len(items) - 5} more" if len(items) > 5 else ""
-                )
-                problems.append(f"{len(items)} {label}: {shown}")
-        raise UserError(f"These weights do not fit {arch}: " + "; ".join(problems) + ".")
+    model = create_model(
+        arch,
+        num_classes=num_classes or 1,
+        include_top=num_classes is not None,
+        head=head_of(variables),
+    )
+    want = expected_variables(model)
+    check_fits(variables, want, f"These weights do not fit {arch}", name=_torch_name)
     bad_dtype = [
-        f"{name(p, np.shape(v))} is {np.dtype(v.dtype).name}"
+        f"{_torch_name(p, np.shape(v))[0]} is {np.dtype(v.dtype).name}"
         for p, v in flatten_dict(dict(variables)).items()
         if hasattr(v, "dtype") and np.dtype(v.dtype) not in FLOAT_DTYPES
     ]

@@ -1,5 +1,6 @@
-"""train.py end to end in subprocesses: outputs, resume, kill -9, freezing, 2 devices, 2 processes,
-user errors. Every run shares one persistent compilation cache, so only the first compiles."""
+"""train.py end to end in subprocesses: outputs, kill -9 and resume, freezing, 2 devices, 2
+processes, failures that must end in one line. Every run shares one persistent compilation
+cache, so only the first compiles. tests/training/test_trainer.py tests the trainer in process."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from resnet_jax.data.sources import read_class_indices
 from resnet_jax.models.factory import create_model
-from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import load_variables, read_metadata
-from tests.helpers import make_train_val_folder, tensorboard_series
+from tests.helpers import flat, make_train_val_folder, tensorboard_series
 
 pytestmark = pytest.mark.slow  # every test runs train.py in subprocesses
 
@@ -33,7 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 # and two devices agree to float tolerance. The same flags everywhere share one compilation.
 TINY = {"arch": "resnet18", "weights": "none", "image_size": 48, "batch_size": 6, "workers": 1,
         "optimizer": "sgd", "lr": 1e-3, "log_every": 2}  # fmt: skip
-STEPS = 3  # per epoch: 18 training images in batches of 6
 TINY_ARGS = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -103,10 +101,6 @@ def assert_same_epoch(got: tuple, expected: tuple) -> None:
     np.testing.assert_allclose(got[2], expected[2], rtol=1e-2)
 
 
-def flat(variables) -> dict:
-    return traverse_util.flatten_dict(variables, sep="/")
-
-
 def flat_variables(path) -> dict:
     return flat(load_variables(path))
 
@@ -134,47 +128,6 @@ def test_run_writes_every_output(reference):
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(out / "checkpoints")) in (["1", "2"], ["2"])
-
-
-def test_tensorboard_shows_metrics_jsonl(reference):
-    out = reference[0]
-    series = tensorboard_series(out / "tensorboard")
-    expected = {"step/learning_rate": [(s, pytest.approx(1e-3)) for s in (2, 4, 6)]}
-    for m in read_metrics(out):
-        step = m["epoch"] * STEPS
-        for key, value in m.items():
-            if isinstance(value, dict):  # val_class_accuracy
-                for name, v in value.items():
-                    expected.setdefault(f"epoch/{key}/{name}", []).append((step, approx(v)))
-            elif key != "epoch":
-                expected.setdefault(f"epoch/{key}", []).append((step, approx(value)))
-    assert {tag: series[tag] for tag in expected} == expected
-    assert [step for step, _ in series["step/train_loss"]] == [2, 4, 6]
-    assert [step for step, _ in series["epoch/val_confusion_matrix"]] == [3, 6]
-    assert set(series) == {*expected, "step/train_loss", "epoch/val_confusion_matrix"}
-
-
-def approx(value: float):
-    return pytest.approx(value, rel=1e-6)  # TensorBoard keeps float32
-
-
-def test_confusion_matrix_of_the_best_epoch(reference):
-    out, stdout = reference
-    metrics = read_metrics(out)
-    best = max(metrics, key=lambda m: m["val_accuracy"])  # the first of equals, as best.msgpack
-    ckpts = Checkpoints(out / "checkpoints")
-    try:
-        confusion = ckpts.meta()["best_confusion"]
-    finally:
-        ckpts.close()
-    matrix = np.array(confusion["matrix"])
-    assert confusion["epoch"] == best["epoch"]
-    np.testing.assert_array_equal(matrix.sum(axis=1), [2, 2, 2])  # the validation images
-    assert np.trace(matrix) / matrix.sum() == best["val_accuracy"]
-    accuracy = {f"class{c}": matrix[c, c] / 2 for c in range(3)}
-    assert best["val_class_accuracy"] == accuracy
-    line = next(line for line in stdout.splitlines() if line.startswith(f"[epoch {best['epoch']}]"))
-    assert line.endswith("; per class: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
 
 
 def test_predict_repeats_the_best_validation_exactly(reference, data, env):
@@ -380,42 +333,6 @@ def test_two_processes_end_with_identical_parameters(reference, data, env, tmp_p
     assert_same_epoch(losses(tmp_path)[0], losses(reference[0])[0])
 
 
-POISON = """
-import sys, jax, jax.numpy as jnp
-from resnet_jax.training.parallel import DataParallel
-import train
-
-compile_step = DataParallel.jit_train_step
-
-def jit_poisoned_step(self, label_smoothing=0.0):
-    step = compile_step(self, label_smoothing)
-
-    def poisoned(state, batch, totals):
-        if int(state.step) == 4:  # the second step of epoch 2 (3 steps per epoch)
-            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-        return step(state, batch, totals)
-
-    return poisoned
-
-DataParallel.jit_train_step = jit_poisoned_step
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
-def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(reference, data, env, tmp_path):
-    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
-    result = run_train(args, env, script=POISON)
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr
-    assert "loss became nan in epoch 2" in errors[0]
-    assert "checkpoint of epoch 1 is kept" in errors[0]
-    assert os.listdir(tmp_path / "checkpoints") == ["1"]
-    assert losses(tmp_path) == losses(reference[0])[:1]
-    best = flat_variables(tmp_path / "best.msgpack")
-    assert all(np.isfinite(v).all() for v in best.values())
-
-
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     """The single `error:` line of a failed run, after checking that nothing else went wrong."""
     assert result.returncode == 1
@@ -471,43 +388,6 @@ def test_synthetic_reports_images_per_second(env, tmp_path):
     assert "images/s)" in result.stdout and "initialised at random" in result.stdout
     assert read_metrics(tmp_path)[0]["images_per_second"] > 0
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
-
-
-def test_existing_run_and_changed_flags_need_attention(reference, data, env):
-    out = str(reference[0])
-    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", out]
-    again = run_train(args, env)
-    assert again.returncode == 1 and "pass --resume to continue it, --overwrite" in again.stderr
-    changed = run_train([*args, "--resume", "--lr", "0.5"], env)
-    assert changed.returncode == 1 and "--lr 0.001 (now 0.5)" in changed.stderr
-    done = run_train([*args, "--resume"], env)
-    assert done.returncode == 0 and "[epoch" not in done.stdout
-
-
-def test_outputs_of_an_earlier_run_are_never_replaced_silently(reference, data, env, tmp_path):
-    # An earlier run whose checkpoints/ was deleted to save space, and a write killed midway.
-    kept = ("best.msgpack", "metrics.jsonl", "class_indices.json")
-    for name in kept:
-        shutil.copy(reference[0] / name, tmp_path / name)
-    shutil.copytree(reference[0] / "tensorboard", tmp_path / "tensorboard")
-    old_events = set(os.listdir(tmp_path / "tensorboard"))
-    (tmp_path / ".best.msgpack.k2j4_x9a.tmp").write_bytes(b"half")
-    before = {name: (tmp_path / name).read_bytes() for name in kept}
-    args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "1", "--output-dir", str(tmp_path)]
-    for extra in ([], ["--resume"]):
-        refused = run_train([*args, *extra], env)
-        assert refused.returncode == 1 and "Traceback" not in refused.stderr
-        assert (
-            "already holds a run (best.msgpack, metrics.jsonl, class_indices.json, tensorboard); "
-            "pass --overwrite to replace it" in refused.stderr
-        )
-        assert {name: (tmp_path / name).read_bytes() for name in kept} == before
-        assert set(os.listdir(tmp_path / "tensorboard")) == old_events
-    replaced = run_train([*args, "--overwrite"], env)
-    assert replaced.returncode == 0, replaced.stderr
-    assert len(read_metrics(tmp_path)) == 1 and (tmp_path / "checkpoints").is_dir()
-    assert not set(os.listdir(tmp_path / "tensorboard")) & old_events
-    assert not (tmp_path / ".best.msgpack.k2j4_x9a.tmp").exists()
 
 
 @pytest.mark.parametrize(

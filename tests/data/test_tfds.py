@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import socket
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +19,7 @@ from tests.helpers import batches, noise_image
 
 
 def test_tfds_mock_data_gives_sources_and_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(tfds_source, "check_download", lambda urls: None)
+    monkeypatch.setattr(tfds_source, "download_problem", lambda urls: None)
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         train, val, classes = open_datasets(dataset="tf_flowers", tfds_dir=str(tmp_path))
         assert classes == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
@@ -70,10 +66,8 @@ def test_tfds_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
         raise AssertionError("download_and_prepare must not start when the host is unreachable")
 
     monkeypatch.setattr(builder_cls, "download_and_prepare", must_not_run)
-    started = time.monotonic()
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info:  # the probe answers; tfds's retries never start
         open_datasets(dataset="tf_flowers", tfds_dir=str(tmp_path))
-    assert time.monotonic() - started < 30
     message = str(info.value)
     assert f"Cannot download tfds dataset 'tf_flowers' from {url}" in message
     assert "--data-dir" in message and "\n" not in message
@@ -83,27 +77,14 @@ def test_tfds_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
         open_datasets(dataset="no_such_set", tfds_dir=str(tmp_path))
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """(folder, base url) of a local HTTP server."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-
-
-def test_check_download_reports_the_first_failing_url(http_server):
+def test_download_problem_names_the_first_failing_url(http_server):
     served, base = http_server
     (served / "here.bin").write_bytes(b"x" * 1000)
-    assert tfds_source.check_download([f"{base}/here.bin"], timeout=5) is None
-    assert tfds_source.check_download([f"{base}/here.bin", f"{base}/gone"], timeout=5) == (
+    assert tfds_source.download_problem([f"{base}/here.bin"], timeout=5) is None
+    assert tfds_source.download_problem([f"{base}/here.bin", f"{base}/gone"], timeout=5) == (
         f"{base}/gone (HTTP 404)"
     )
-    refused = tfds_source.check_download([f"http://127.0.0.1:{_closed_port()}/x"], timeout=5)
+    refused = tfds_source.download_problem([f"http://127.0.0.1:{_closed_port()}/x"], timeout=5)
     assert "refused" in refused.lower()
 
 

@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from resnet_jax.inference import predictor as inference
 from resnet_jax.inference.predictor import Predictor
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.weights.io import convert_file
+from resnet_jax.weights.conversion import convert_file
 from tests.helpers import torch_resnet18
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]

@@ -33,7 +33,7 @@ RESNEXT14 = partial(ResNet, Bottleneck, (1, 1, 1, 1), groups=32, width_per_group
 
 
 @nnx.jit
-def forward(model: rnnx.ResNet, x: jax.Array) -> jax.Array:
+def forward(model: rnnx.NnxResNet, x: jax.Array) -> jax.Array:
     return model(x)
 
 
@@ -47,13 +47,13 @@ def resnet18_file(tmp_path_factory):
 
 def linen_and_nnx(name, resnet18_file):
     """The Linen model, its variables and the NNX model holding them, for one test model."""
-    if name == "resnet18":  # through a written file and create_model, as a user would
+    if name == "resnet18":  # through a written file and create_nnx_model, as a user would
         variables = load_variables(resnet18_file)
-        model = rnnx.create_model("resnet18", num_classes=5, variables=variables)
+        model = rnnx.create_nnx_model("resnet18", num_classes=5, variables=variables)
         return model.linen, variables, model
     variables = torch_to_flax(numpy_state_dict(randomised_torch_model(name, num_classes=5)))
     linen = RESNEXT14(num_classes=5)
-    return linen, variables, rnnx.ResNet(linen, variables)
+    return linen, variables, rnnx.NnxResNet(linen, variables)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext14_32x4d"])
@@ -83,7 +83,7 @@ def nnx_and_linen_adam_steps(variables, dtype, batches, lr=1e-3):
     the Linen train step of resnet_jax.training.steps. Returns both results as {'params', 'batch_stats',
     'losses'}."""
     tx = optim.make_optimizer("adam", lr, 0.0)
-    model = rnnx.create_model("resnet18", num_classes=3, variables=variables, dtype=dtype)
+    model = rnnx.create_nnx_model("resnet18", num_classes=3, variables=variables, dtype=dtype)
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -148,7 +148,7 @@ def test_frozen_stages_stay_bit_identical_under_nnx_optimizer(resnet18_file):
     """frozen_stages reaches the Linen model, and optim.make_optimizer's frozen labels work on
     the nnx.State that nnx.Optimizer hands to optax: AdamW's decay touches only layer4 and fc."""
     variables = load_variables(resnet18_file)
-    model = rnnx.create_model("resnet18", num_classes=5, frozen_stages=3, variables=variables)
+    model = rnnx.create_nnx_model("resnet18", num_classes=5, frozen_stages=3, variables=variables)
     model.train()
     tx = optim.make_optimizer("adamw", 1e-2, 0.5, frozen_stages=3)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -175,10 +175,10 @@ def test_frozen_stages_stay_bit_identical_under_nnx_optimizer(resnet18_file):
 @pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
 def test_variables_round_trip_through_every_format(suffix, tmp_path, resnet18_file):
     variables = load_variables(resnet18_file)
-    model = rnnx.create_model("resnet18", num_classes=5, variables=variables)
+    model = rnnx.create_nnx_model("resnet18", num_classes=5, variables=variables)
     save_variables(tmp_path / f"back{suffix}", rnnx.to_linen_variables(model))
     loaded = rnnx.to_linen_variables(
-        rnnx.create_model(
+        rnnx.create_nnx_model(
             "resnet18", num_classes=5, variables=load_variables(tmp_path / f"back{suffix}")
         )
     )
@@ -189,7 +189,7 @@ def test_variables_round_trip_through_every_format(suffix, tmp_path, resnet18_fi
 
 
 def test_fresh_variables_are_the_linen_init_from_rngs():
-    model = rnnx.create_model("resnet18", num_classes=3, rngs=nnx.Rngs(1))
+    model = rnnx.create_nnx_model("resnet18", num_classes=3, rngs=nnx.Rngs(1))
     linen = create_model("resnet18", num_classes=3)
     want = flat(init_variables(linen, nnx.Rngs(1).params()))
     got = flat(rnnx.to_linen_variables(model))
@@ -214,7 +214,7 @@ def test_wrong_arch_or_variables_are_one_clear_sentence(resnet18_file):
     ]
     for arch, num_classes, given, fragments in cases:
         with pytest.raises(UserError) as error:
-            rnnx.create_model(arch, num_classes=num_classes, variables=given)
+            rnnx.create_nnx_model(arch, num_classes=num_classes, variables=given)
         text = str(error.value)
         assert all(f in text for f in fragments), text
         assert text.endswith(".") and ". " not in text and "\n" not in text, text

@@ -6,8 +6,7 @@ import pytest
 import torchvision
 
 from resnet_jax import UserError, create_model
-from resnet_jax.models.registry import ARCHITECTURES, get_architecture
-from resnet_jax.weights.io import _hash_prefix
+from resnet_jax.models.registry import ARCHITECTURES, get_architecture, sha256_prefix
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -19,14 +18,14 @@ def test_entry_matches_torchvisions_imagenet1k_v1_weights(name):
     transform = want.transforms()
     assert arch.name == name
     assert arch.weights.url == want.url
-    assert arch.weights.sha256_prefix == _hash_prefix(want.url.rsplit("/", 1)[-1])
+    assert arch.weights.sha256_prefix == sha256_prefix(want.url.rsplit("/", 1)[-1])
     assert want.url.endswith(f"-{arch.weights.sha256_prefix}.pth")
     assert arch.weights.top1 == want.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     assert arch.num_params == want.meta["num_params"]
     t = arch.weights.transform
     assert [t.resize_size] == transform.resize_size and [t.crop_size] == transform.crop_size
     assert list(t.mean) == transform.mean and list(t.std) == transform.std
-    assert t.interpolation == transform.interpolation.value
+    assert transform.interpolation.value == "bilinear"  # what data.transforms resizes with
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

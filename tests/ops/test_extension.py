@@ -64,7 +64,7 @@ def test_models_are_the_same_on_both_paths(monkeypatch):
     variables = model.init(jax.random.key(0), x, train=False)
 
     def loss_and_grads(path):
-        monkeypatch.setenv(kernels.ENV, path)
+        monkeypatch.setenv(kernels.CONV_ENV, path)
 
         def loss(params):
             # Eval mode: train-mode BatchNorm over 2x1x1 maps would magnify rounding.
@@ -79,19 +79,19 @@ def test_models_are_the_same_on_both_paths(monkeypatch):
 
 
 def test_only_float32_goes_to_onednn(monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "xla")
+    monkeypatch.setenv(kernels.CONV_ENV, "xla")
     assert not kernels.use_onednn(jnp.float32)
-    monkeypatch.delenv(kernels.ENV)
+    monkeypatch.delenv(kernels.CONV_ENV)
     assert kernels.use_onednn(jnp.float32) == kernels.available()
     assert not kernels.use_onednn(jnp.float64)
     assert not kernels.use_onednn(jnp.bfloat16)
 
 
 def test_a_forced_path_that_cannot_run_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv(kernels.ENV, "cudnn")
+    monkeypatch.setenv(kernels.CONV_ENV, "cudnn")
     with pytest.raises(UserError, match="RESNET_JAX_CONV='cudnn' is not a convolution path"):
         kernels.conv_path()
-    monkeypatch.setenv(kernels.ENV, "onednn")
+    monkeypatch.setenv(kernels.CONV_ENV, "onednn")
     monkeypatch.setattr(kernels, "_load", lambda: "the CPU extension is not built")
     with pytest.raises(UserError, match="not built: reinstall"):
         kernels.conv_path()
@@ -154,7 +154,7 @@ def test_batch_norm_layer_is_the_same_on_both_paths(monkeypatch):
     variables = bn.init(jax.random.key(0), x)
 
     def run(path):
-        monkeypatch.setenv(kernels.ENV, path)
+        monkeypatch.setenv(kernels.CONV_ENV, path)
 
         def loss(params, x):
             y, new = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])

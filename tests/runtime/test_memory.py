@@ -34,7 +34,7 @@ PAGES = (256 << 20) // 4096
 
 
 def run_script(env_value: str, monkeypatch) -> list[str]:
-    monkeypatch.setenv(memory.ENV, env_value)
+    monkeypatch.setenv(memory.KEEP_MEMORY_ENV, env_value)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
     return out.stdout.split()
@@ -53,8 +53,8 @@ def test_a_freed_block_is_reused_without_page_faults(monkeypatch):
 
 
 def test_left_alone_when_switched_off_or_jax_runs_on_an_accelerator(monkeypatch):
-    monkeypatch.setenv(memory.ENV, "0")
+    monkeypatch.setenv(memory.KEEP_MEMORY_ENV, "0")
     assert not memory.keep_freed_memory()
-    monkeypatch.delenv(memory.ENV)
+    monkeypatch.delenv(memory.KEEP_MEMORY_ENV)
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not memory.keep_freed_memory()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -27,11 +30,12 @@ from resnet_jax.training.run_folder import (
 from resnet_jax.training.tensorboard import TensorBoard
 from resnet_jax.training.trainer import train
 from resnet_jax.weights.io import load_variables, read_metadata
-from tests.helpers import flat, make_train_val_folder
+from tests.helpers import flat, make_train_val_folder, tensorboard_series
 
 pytestmark = pytest.mark.usefixtures("private_compilation_cache")
 
 # 2 steps of 4 images at 32 px per epoch, one validation batch: seconds on a shared CPU.
+STEPS = 2
 TINY = TrainConfig(arch="resnet18", weights="none", image_size=32, batch_size=4, workers=1,
                    optimizer="sgd", lr=1e-3, log_every=1)  # fmt: skip
 TIMES = ("seconds", "images_per_second", "first_step_seconds")
@@ -55,25 +59,60 @@ def without_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMES} for record in history]
 
 
+def saved_meta(out: Path) -> dict:
+    """The JSON record of the latest checkpoint in `out`."""
+    ckpts = Checkpoints(out / "checkpoints")
+    try:
+        return ckpts.meta()
+    finally:
+        ckpts.close()
+
+
 def test_train_returns_what_it_wrote(two_epochs):
     out, history = two_epochs.output_dir, two_epochs.history
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == history
-    assert [h["epoch"] for h in history] == [1, 2] and int(two_epochs.state.step) == 4
-    assert set(history[0]["val_class_accuracy"]) == {"class0", "class1"}
-    ckpts = Checkpoints(out / "checkpoints")
-    try:
-        assert ckpts.latest_epoch() == 2 and ckpts.meta()["history"] == history
-    finally:
-        ckpts.close()
+    assert [h["epoch"] for h in history] == [1, 2] and int(two_epochs.state.step) == 2 * STEPS
+    assert saved_meta(out)["history"] == history
     assert read_metadata(out / "best.msgpack").classes == ("class0", "class1")
     best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
     final = flat({"params": two_epochs.state.params, "batch_stats": two_epochs.state.batch_stats})
-    same = [
-        np.array_equal(v, final[k]) for k, v in flat(load_variables(out / "best.msgpack")).items()
-    ]
-    assert all(same) == (best == 2)
+    saved = flat(load_variables(out / "best.msgpack"))
+    assert all(np.array_equal(v, final[k]) for k, v in saved.items()) == (best == 2)
+
+
+def test_confusion_matrix_of_the_best_epoch(two_epochs):
+    out, history = two_epochs.output_dir, two_epochs.history
+    best = max(history, key=lambda h: h["val_accuracy"])  # the first of equals, as best.msgpack
+    confusion = saved_meta(out)["best_confusion"]
+    matrix = np.array(confusion["matrix"])
+    assert confusion["epoch"] == best["epoch"]
+    np.testing.assert_array_equal(matrix.sum(axis=1), [2, 2])  # the validation images
+    assert np.trace(matrix) / matrix.sum() == best["val_accuracy"]
+    assert best["val_class_accuracy"] == {f"class{c}": matrix[c, c] / 2 for c in range(2)}
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_shows_metrics_jsonl(two_epochs):
+    series = tensorboard_series(two_epochs.output_dir / "tensorboard")
+    steps = list(range(1, 2 * STEPS + 1))  # a point every step: log_every=1
+    expected = {"step/learning_rate": [(s, pytest.approx(1e-3)) for s in steps]}
+    for m in two_epochs.history:
+        for key, value in m.items():
+            values = value.items() if isinstance(value, dict) else [(None, value)]
+            for name, v in values:  # val_class_accuracy: one series per class
+                tag = f"epoch/{key}" + (f"/{name}" if name else "")
+                if key != "epoch":  # TensorBoard keeps float32
+                    expected.setdefault(tag, []).append((m["epoch"] * STEPS, approx(v)))
+    assert {tag: series[tag] for tag in expected} == expected
+    assert [step for step, _ in series["step/train_loss"]] == steps
+    assert [step for step, _ in series["epoch/val_confusion_matrix"]] == [STEPS, 2 * STEPS]
+    assert set(series) == {*expected, "step/train_loss", "epoch/val_confusion_matrix"}
+
+
+def approx(value: float):
+    return pytest.approx(value, rel=1e-6)
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(two_epochs, data, tmp_path):
@@ -92,6 +131,64 @@ def test_a_finished_run_trains_no_further(two_epochs, data, capsys):
     again = run(data, two_epochs.output_dir, epochs=2, resume=True)
     assert again.history == two_epochs.history
     assert "is already trained for 2 epochs" in capsys.readouterr().out
+
+
+def test_a_changed_option_stops_a_resume(two_epochs, data):
+    with pytest.raises(UserError, match=r"it was trained with --lr 0.001 \(now 0.5\); pass the"):
+        run(data, two_epochs.output_dir, epochs=3, resume=True, lr=0.5)
+
+
+def test_outputs_of_an_earlier_run_are_never_replaced_silently(two_epochs, data, tmp_path):
+    # An earlier run whose checkpoints/ was deleted to save space, and a write killed midway.
+    kept = ("best.msgpack", "metrics.jsonl", "class_indices.json")
+    for name in kept:
+        shutil.copy(two_epochs.output_dir / name, tmp_path / name)
+    shutil.copytree(two_epochs.output_dir / "tensorboard", tmp_path / "tensorboard")
+    old_events = set(os.listdir(tmp_path / "tensorboard"))
+    (tmp_path / ".best.msgpack.k2j4_x9a.tmp").write_bytes(b"half")
+    before = {name: (tmp_path / name).read_bytes() for name in kept}
+    refusal = (
+        r"already holds a run \(best.msgpack, metrics.jsonl, class_indices.json, tensorboard\); "
+        "pass --overwrite to replace it"
+    )
+    for resume in (False, True):
+        with pytest.raises(UserError, match=refusal):
+            run(data, tmp_path, epochs=1, resume=resume)
+        assert {name: (tmp_path / name).read_bytes() for name in kept} == before
+        assert set(os.listdir(tmp_path / "tensorboard")) == old_events
+    replaced = run(data, tmp_path, epochs=1, overwrite=True)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert replaced.history[0]["epoch"] == 1 and (tmp_path / "checkpoints").is_dir()
+    assert not set(os.listdir(tmp_path / "tensorboard")) & old_events
+    assert not (tmp_path / ".best.msgpack.k2j4_x9a.tmp").exists()
+
+
+def test_a_nan_loss_stops_and_keeps_the_good_checkpoint(two_epochs, data, tmp_path, monkeypatch):
+    compile_step = DataParallel.jit_train_step
+
+    def jit_poisoned_step(self, label_smoothing=0.0):
+        step = compile_step(self, label_smoothing)
+
+        def poisoned(state, batch, totals):
+            if int(state.step) == 3:  # the second step of epoch 2
+                state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+            return step(state, batch, totals)
+
+        return poisoned
+
+    monkeypatch.setattr(DataParallel, "jit_train_step", jit_poisoned_step)
+    with pytest.raises(
+        UserError, match="loss became nan in epoch 2, .*checkpoint of epoch 1 is kept"
+    ):
+        run(data, tmp_path, epochs=2)
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert without_times([json.loads(line) for line in lines]) == without_times(
+        two_epochs.history[:1]
+    )
+    assert all(
+        np.isfinite(v).all() for v in flat(load_variables(tmp_path / "best.msgpack")).values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------

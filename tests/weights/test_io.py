@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import http.server
-import socket
-import subprocess
-import sys
-import threading
-import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +21,8 @@ from flax.training import train_state
 
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.weights import io as weights
-from resnet_jax.weights.io import WEIGHT_URLS, load_variables, pretrained_path, save_variables
+from resnet_jax.weights.io import load_variables, save_variables
 from resnet_jax.weights.torch_names import torch_to_flax
-from tests.helpers import flat
 
 
 def assert_trees_equal(a, b) -> None:
@@ -65,12 +56,6 @@ SMALL = {
     "params": {"conv1": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 2, 3, 2)}},
     "batch_stats": {"bn1": {"mean": np.ones(2, np.float32), "var": np.full(2, 2.0)}},
 }
-
-
-def test_weight_urls_are_torchvisions_imagenet1k_v1():
-    assert len(WEIGHT_URLS) == 10
-    for arch, url in WEIGHT_URLS.items():
-        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
 
 
 def test_msgpack_round_trip(tmp_path):
@@ -193,16 +178,6 @@ def test_torch_names_are_checked_before_tensors_are_read(tmp_path):
         load_variables(tmp_path / "x.pth")
 
 
-@pytest.mark.parametrize("dtype", [np.complex64, np.int32, jnp.float8_e4m3fn], ids=str)
-def test_convert_refuses_weights_that_are_not_floating_point(tmp_path, dtype):
-    variables = torch_to_flax(numpy_state(torchvision_resnet18()))
-    variables["params"]["conv1"]["kernel"] = variables["params"]["conv1"]["kernel"].astype(dtype)
-    save_variables(tmp_path / "odd.msgpack", variables)
-    with pytest.raises(UserError, match=r"not floating point \(conv1\.weight is "):
-        weights.convert_file(tmp_path / "odd.msgpack", tmp_path / "out.safetensors")
-    assert not (tmp_path / "out.safetensors").exists()
-
-
 @pytest.mark.parametrize("suffix", [".msgpack", ".safetensors"])
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch, suffix):
     path = tmp_path / f"v{suffix}"
@@ -232,231 +207,3 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch, suffix):
         save_variables(path, changed)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
-
-
-# --- downloads from a local HTTP server ---
-
-
-@pytest.fixture
-def caches(tmp_path, monkeypatch) -> tuple[Path, Path]:
-    """Point our cache and torch hub's at empty folders."""
-    ours, hub = tmp_path / "cache", tmp_path / "torch_home" / "hub" / "checkpoints"
-    monkeypatch.setenv("RESNET_JAX_CACHE", str(ours))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    return ours, hub
-
-
-@pytest.fixture
-def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving the files put in the yielded folder."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
-    )
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def hashed_name(data: bytes, arch: str = "resnet18") -> str:
-    return f"{arch}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_download_verify_reuse_and_load(caches, server, tmp_path):
-    ours, _ = caches
-    base, folder = server
-    state = torchvision_resnet18()
-    torch.save(state, tmp_path / "w.pth")
-    data = (tmp_path / "w.pth").read_bytes()
-    name = hashed_name(data)
-    (folder / name).write_bytes(data)
-
-    path = pretrained_path("resnet18", progress=False, url=f"{base}/{name}")
-    assert path == ours / name and path.read_bytes() == data
-    assert sorted(p.name for p in ours.iterdir()) == [name]  # no temp file left
-    assert_trees_equal(load_variables(path), torch_to_flax(numpy_state(state)))
-
-    (folder / name).unlink()  # a second download would now fail with 404
-    assert pretrained_path("resnet18", progress=False, url=f"{base}/{name}") == path
-
-
-def test_download_bar_only_on_a_terminal_or_for_large_files(caches, server, monkeypatch, capsys):
-    base, folder = server
-    data = b"weights" * 1000
-    name = hashed_name(data)
-    (folder / name).write_bytes(data)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    pretrained_path("resnet18", url=f"{base}/{name}", cache_dir=caches[0] / "a")
-    assert capsys.readouterr().err == ""  # a small file into a log: no bar
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    pretrained_path("resnet18", url=f"{base}/{name}", cache_dir=caches[0] / "b")
-    assert f"{name}: 100%" in capsys.readouterr().err
-
-
-def test_explicit_cache_dir_and_damaged_cached_file_is_replaced(caches, server, tmp_path):
-    base, folder = server
-    data = b"weights" * 1000
-    name = hashed_name(data)
-    (folder / name).write_bytes(data)
-    cache = tmp_path / "elsewhere"
-    cache.mkdir()
-    (cache / name).write_bytes(data[:100])  # an interrupted download from long ago
-    path = pretrained_path("resnet18", cache_dir=cache, progress=False, url=f"{base}/{name}")
-    assert path == cache / name and path.read_bytes() == data
-
-
-def test_reuses_torch_hub_cache(caches):
-    _, hub = caches
-    data = b"from torch hub"
-    name = hashed_name(data)
-    hub.mkdir(parents=True)
-    (hub / name).write_bytes(data)
-    url = f"http://127.0.0.1:{free_port()}/{name}"  # nothing listens: must not be needed
-    assert pretrained_path("resnet18", progress=False, url=url) == hub / name
-
-
-def test_hash_mismatch_deletes_the_download(caches, server):
-    ours, _ = caches
-    base, folder = server
-    data = b"tampered"
-    assert not hashlib.sha256(data).hexdigest().startswith("00000000")
-    (folder / "resnet18-00000000.pth").write_bytes(data)
-    with pytest.raises(UserError, match="sha256.*deleted.*--weights PATH"):
-        pretrained_path("resnet18", progress=False, url=f"{base}/resnet18-00000000.pth")
-    assert list(ours.iterdir()) == []
-
-
-def test_http_error_names_url(caches, server):
-    base, _ = server
-    url = f"{base}/resnet18-12345678.pth"
-    with pytest.raises(UserError, match=f"{url}.*--weights PATH"):
-        pretrained_path("resnet18", progress=False, url=url)
-
-
-def test_unreachable_server_fails_fast(caches):
-    url = f"http://127.0.0.1:{free_port()}/resnet18-12345678.pth"
-    start = time.monotonic()
-    with pytest.raises(UserError) as error:
-        pretrained_path("resnet18", progress=False, url=url)
-    assert time.monotonic() - start < 5
-    message = str(error.value)
-    assert url in message and "--weights PATH" in message and "\n" not in message
-
-
-def test_unknown_arch_and_unhashed_name(caches):
-    with pytest.raises(UserError, match="resnet18, resnet34"):
-        pretrained_path("resnet19")
-    with pytest.raises(UserError, match="sha256 prefix"):
-        pretrained_path("resnet18", url="http://127.0.0.1:1/weights.pth")
-
-
-def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
-    script = Path(__file__).resolve().parents[2] / "convert_weights.py"
-    return subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-@pytest.mark.slow
-def test_convert_weights_cli_pth_to_msgpack_to_safetensors(tmp_path):
-    model = torchvision.models.resnet18(num_classes=7)
-    torch.save(model.state_dict(), tmp_path / "r18.pth")
-    done = run_convert_cli(str(tmp_path / "r18.pth"), str(tmp_path / "r18.msgpack"))
-    assert done.returncode == 0, done.stderr
-    assert "resnet18, 11,180,103 parameters" in done.stdout
-    done = run_convert_cli(
-        str(tmp_path / "r18.msgpack"), str(tmp_path / "r18.safetensors"), "--arch", "resnet18"
-    )
-    assert done.returncode == 0, done.stderr
-    back = safetensors.torch.load_file(tmp_path / "r18.safetensors")
-    fresh = torchvision.models.resnet18(num_classes=7)
-    fresh.load_state_dict(back, strict=True)
-    for key, value in model.state_dict().items():
-        if not key.endswith("num_batches_tracked"):
-            assert torch.equal(fresh.state_dict()[key], value), key
-
-
-@pytest.mark.slow
-def test_convert_weights_cli_errors_are_one_line(tmp_path):
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    for args, message in [
-        (("missing.pth", "out.msgpack"), "does not exist"),
-        (
-            (str(tmp_path / "r18.pth"), str(tmp_path / "out.msgpack"), "--arch", "resnet34"),
-            "do not fit resnet34",
-        ),
-        ((str(tmp_path / "r18.pth"), str(tmp_path / "out.bin")), "use a .msgpack or .safetensors"),
-    ]:
-        done = run_convert_cli(*args)
-        assert done.returncode == 1 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert not (tmp_path / "out.msgpack").exists()
-
-
-def test_convert_folder_converts_each_file_and_reports_the_bad_ones(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    model = torchvision.models.resnet18(num_classes=3)
-    torch.save(model.state_dict(), src / "a.pth")
-    save_variables(src / "b.msgpack", load_variables(src / "a.pth"))
-    save_variables(src / "a.safetensors", load_variables(src / "a.pth"))  # a.msgpack again
-    (src / "broken.pth").write_bytes(b"not a checkpoint")
-    (src / "notes.txt").write_text("not weights")
-    results = list(weights.convert_folder(src, tmp_path / "out", ".msgpack"))
-    assert [(s.name, d.name) for s, d, _ in results] == [
-        ("a.pth", "a.msgpack"),
-        ("a.safetensors", "a.msgpack"),
-        ("b.msgpack", "b.msgpack"),
-        ("broken.pth", "broken.msgpack"),
-    ]
-    outcome = {s.name: r for s, _, r in results}
-    assert outcome["a.pth"] == ("resnet18", 11_178_051) == outcome["b.msgpack"]
-    assert "would overwrite" in str(outcome["a.safetensors"])
-    assert isinstance(outcome["broken.pth"], UserError)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.msgpack", "b.msgpack"]
-    want = flat(load_variables(src / "a.pth"))
-    got = flat(load_variables(tmp_path / "out" / "a.msgpack"))
-    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-
-
-def test_convert_folder_without_weights_is_one_sentence(tmp_path):
-    (tmp_path / "notes.txt").write_text("not weights")
-    with pytest.raises(UserError, match="holds no weights file"):
-        list(weights.convert_folder(tmp_path, tmp_path / "out", ".msgpack"))
-    (tmp_path / "a.pth").write_bytes(b"x")
-    (tmp_path / "taken").write_text("a file")
-    with pytest.raises(UserError, match="is a file; give a folder"):
-        list(weights.convert_folder(tmp_path, tmp_path / "taken", ".msgpack"))
-
-
-@pytest.mark.slow
-def test_convert_weights_cli_folder(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), src / "r18.pth")
-    (src / "broken.pth").write_bytes(b"not a checkpoint")
-    done = run_convert_cli(str(src), str(tmp_path / "out"), "--format", ".safetensors")
-    assert done.returncode == 2, done.stderr
-    line = f"{src / 'r18.pth'} -> {tmp_path / 'out' / 'r18.safetensors'}: resnet18, 11,178,051"
-    assert done.stdout.strip().splitlines() == [line + " parameters"]
-    errors = done.stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "broken.pth" in errors[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["r18.safetensors"]

@@ -14,7 +14,8 @@ from resnet_jax.inference.predictor import Predictor
 from resnet_jax.models.factory import create_model, init_variables
 from resnet_jax.models.registry import EvalTransform
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.weights.io import convert_file, load_variables, read_metadata, save_variables
+from resnet_jax.weights.conversion import convert_file
+from resnet_jax.weights.io import load_variables, read_metadata, save_variables
 from resnet_jax.weights.metadata import ModelMetadata
 
 TRAINED = ModelMetadata(

@@ -22,7 +22,7 @@ import torchvision
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.weights import torch_format
 from resnet_jax.weights.torch_format import LEGACY_MAGIC_NUMBER, load_torch_state_dict
-from resnet_jax.weights.torch_names import check_torch_shapes
+from resnet_jax.weights.torch_names import arch_from_torch_shapes
 from tests.helpers import OldStorage, OldTensor, write_old_legacy
 
 
@@ -340,7 +340,7 @@ def test_safetensors_names_are_checked_before_tensors_are_read(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(UserError, match="'junk'"):
-            load_torch_state_dict(tmp_path / "w.safetensors", check=check_torch_shapes)
+            load_torch_state_dict(tmp_path / "w.safetensors", check=arch_from_torch_shapes)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resnet_jax import ARCHS, UserError, check_variables, detect_arch, flax_to_torch, torch_to_flax
-from resnet_jax.weights.torch_names import check_torch_shapes
+from resnet_jax.weights.torch_names import arch_from_torch_shapes
 from tests.helpers import nchw, numpy_state_dict, randomised_torch_model, relative_error
 
 # Runs in a process where `import torch` fails: load both formats, convert, run, save logits.
@@ -117,16 +117,16 @@ def test_detect_arch_refuses_what_it_does_not_know():
         torch_to_flax({"classifier.weight": np.zeros((2, 2)), **state})
 
 
-def test_check_torch_shapes_needs_no_tensor_values():
+def test_arch_from_torch_shapes_needs_no_tensor_values():
     state = numpy_state_dict(randomised_torch_model("resnext50_32x4d"))
     shapes = {k: v.shape for k, v in state.items()}
-    assert check_torch_shapes(shapes) == "resnext50_32x4d"
+    assert arch_from_torch_shapes(shapes) == "resnext50_32x4d"
     with pytest.raises(UserError, match=r"wrong shape: layer1\.0\.conv1\.weight"):
-        check_torch_shapes({**shapes, "layer1.0.conv1.weight": (64, 64, 1, 1)})
+        arch_from_torch_shapes({**shapes, "layer1.0.conv1.weight": (64, 64, 1, 1)})
     # Skipped on the way in, so a large or unpaired one could hide data: refused instead.
     for key, shape in (("bn1.num_batches_tracked", (2**20,)), ("x.num_batches_tracked", ())):
         with pytest.raises(UserError, match=f"'{key}' is not part of"):
-            check_torch_shapes({**shapes, key: shape})
+            arch_from_torch_shapes({**shapes, key: shape})
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "int64", "uint16", "float8_e4m3fn"])
