@@ -12,10 +12,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.models import factory, resnet
+from resnet_jax.models.init import variable_shapes
+from resnet_jax.models.scan import stack_blocks, unstack_blocks
 from resnet_jax.runtime.errors import UserError
 
 __all__ = ["COLLECTIONS", "ResNet", "create_model", "to_linen_variables"]
@@ -60,15 +63,17 @@ def to_linen_variables(model: ResNet) -> dict[str, Any]:
 def create_model(
     arch: str,
     *,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     rngs: nnx.Rngs | None = None,
     variables: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> ResNet:
-    """The NNX `ResNet` of `factory.create_model(arch, num_classes=..., **fields)`, holding
-    `variables` ({'params', 'batch_stats'}, e.g. from `load_variables`) or fresh ones from
-    `rngs` (default `nnx.Rngs(0)`)."""
-    linen = factory.create_model(arch, num_classes=num_classes, **fields)
+    """The NNX `ResNet` of `factory.create_model(arch, num_classes=..., **fields)` (default: the
+    architecture's number of classes), holding `variables` ({'params', 'batch_stats'}, e.g.
+    from `load_variables`) or fresh ones from `rngs` (default `nnx.Rngs(0)`)."""
+    if num_classes is not None:
+        fields["num_classes"] = num_classes
+    linen = factory.create_model(arch, **fields)
     if variables is None:
         key = (rngs if rngs is not None else nnx.Rngs(0)).params()
         return ResNet(linen, factory.init_variables(linen, key))
@@ -83,8 +88,9 @@ def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
             f"variables= must be a dict with 'params' and 'batch_stats' for {model}, "
             "as resnet_jax.load_variables returns."
         )
-    want = flatten_dict(jax.eval_shape(lambda: factory.init_variables(linen)))
-    have = flatten_dict({c: dict(variables[c]) for c in COLLECTIONS})
+    # Compared in torchvision's layout, one entry per block, whichever the model and file use.
+    want = flatten_dict(unstack_blocks(variable_shapes(linen)))
+    have = flatten_dict(unstack_blocks({c: dict(variables[c]) for c in COLLECTIONS}))
     shapes = {path: tuple(jnp.shape(value)) for path, value in have.items()}
     named = {
         "missing": ["/".join(p) for p in want if p not in have],
@@ -105,4 +111,5 @@ def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
             f"These variables do not fit {model}: {problems}; "
             "pass the arch, num_classes and head they were made with."
         )
-    return unflatten_dict({p: jnp.asarray(have[p], want[p].dtype) for p in want})
+    fitted = unflatten_dict({p: np.asarray(have[p], want[p].dtype) for p in want})
+    return jax.tree.map(jnp.asarray, stack_blocks(fitted, linen))

@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from resnet_jax.data.loader import Loader, open_datasets
 from resnet_jax.data.sources import write_class_indices
 from resnet_jax.data.synthetic import synthetic_batches
-from resnet_jax.models.factory import create_model, init_variables
+from resnet_jax.models.factory import create_model
+from resnet_jax.models.init import variable_shapes
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.runtime.cache import enable_compilation_cache
 from resnet_jax.runtime.errors import UserError
@@ -257,7 +258,7 @@ def _start(
         variables, message = initial_variables(model, config.arch, config.weights, config.seed)
         print_once(message)
         return make_state(dp.replicate(variables)), [], None
-    abstract = jax.eval_shape(lambda: make_state(init_variables(model)))
+    abstract = jax.eval_shape(make_state, variable_shapes(model))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
     )

@@ -24,6 +24,7 @@ from flax.core import unfreeze
 from tqdm import tqdm
 
 from resnet_jax.models.registry import ARCHITECTURES, get_architecture, sha256_prefix
+from resnet_jax.models.scan import unstack_blocks
 from resnet_jax.runtime.cache import default_cache_dir
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write, make_folder
@@ -62,8 +63,8 @@ __all__ = [
 ]
 
 # torchvision's IMAGENET1K_V1 weights by architecture (kept as a name; the registry holds them).
-WEIGHT_URLS: dict[str, str] = {name: a.weights.url for name, a in ARCHITECTURES.items()}
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+WEIGHT_URLS: dict[str, str] = {n: a.weights.url for n, a in ARCHITECTURES.items() if a.weights}
+TORCH_SUFFIXES = (".pth", ".pt", ".th", ".safetensors")  # .th: the CIFAR ResNets' checkpoints
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".msgpack")  # what load_variables reads
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt and per read, so offline fails fast
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError)
@@ -73,12 +74,13 @@ def save_variables(
     path: str | os.PathLike, variables: Any, metadata: ModelMetadata | None = None
 ) -> None:
     """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision
-    names), with `metadata` if given (see `metadata.py` for where each format keeps it)."""
+    names), with `metadata` if given (see `metadata.py` for where each format keeps it).
+    Either way one entry per block (a scanned model's stacked blocks are unstacked)."""
     path = Path(path)
     suffix = path.suffix.lower()
     table = {} if metadata is None else metadata.to_strings()
     if suffix == ".msgpack":
-        tree = jax.device_get(unfreeze(variables))  # a copy, so in_place below is safe
+        tree = unstack_blocks(jax.device_get(unfreeze(variables)))  # a copy: in_place is safe
         if table:
             tree = {METADATA_KEY: table, **tree}
         # in_place keeps the metadata first (a copy would sort the keys), so it reads quickly.
@@ -96,8 +98,9 @@ def save_variables(
 
 
 def load_variables(path: str | os.PathLike) -> dict:
-    """Read {'params', 'batch_stats'} from .msgpack, from a torchvision .safetensors/.pth/.pt,
-    or from `hf:ORG/NAME[@REVISION]` (its model.safetensors, downloaded once).
+    """Read {'params', 'batch_stats'} from .msgpack, from a torchvision .safetensors/.pth/.pt
+    (or a CIFAR ResNet's .th), or from `hf:ORG/NAME[@REVISION]` (its model.safetensors,
+    downloaded once). One entry per block: `models.scan.stack_blocks` fits a scanned model.
 
     A .msgpack holding a whole Flax TrainState gives its params and batch_stats.
     """
@@ -112,7 +115,7 @@ def load_variables(path: str | os.PathLike) -> dict:
         return torch_to_flax(load_torch_state_dict(path, check=check_torch_shapes))
     if suffix != ".msgpack":
         raise UserError(
-            f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth or .pt file."
+            f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth, .pt or .th file."
         )
     try:
         data = path.read_bytes()
@@ -230,7 +233,10 @@ def pretrained_path(
     the `-<sha256 prefix>` part.
     """
     if url is None:
-        url = get_architecture(arch).weights.url
+        weights = get_architecture(arch).weights
+        if weights is None:
+            raise get_architecture(arch).no_weights_error()
+        url = weights.url
     filename = url.rsplit("/", 1)[-1]
     hash_prefix = _hash_prefix(filename)
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
