@@ -99,15 +99,17 @@ def _torch_key(path: tuple[str, ...], rank: int, fc: str = "fc") -> str:
     return ".".join([*parts, _TORCH_LEAF[(collection, leaf, rank)]])
 
 
-def _torch_fc(stem_kernel_size: int | None) -> str:
-    """torch's name of the classifier of a model whose stem kernel is this size (None: unknown)."""
-    return _TORCH_FC[_STEM_OF_KERNEL.get(stem_kernel_size, "imagenet")]
+def _stem(conv1_shape: tuple[int, ...] | None) -> str:
+    """The stem (`resnet.STEMS`) of a model whose torch `conv1.weight` (OIHW) has this shape;
+    "unknown" for a kernel size no stem has, "imagenet" without one."""
+    if conv1_shape is None or len(conv1_shape) != 4:
+        return "imagenet"
+    return _STEM_OF_KERNEL.get(int(conv1_shape[-1]), "unknown")
 
 
-def _torch_stem_size(shapes: dict[str, Any]) -> int | None:
-    """The stem kernel's size in a state dict ({name: array or shape}), if it has one."""
-    shape = np.shape(shapes["conv1.weight"]) if "conv1.weight" in shapes else ()
-    return int(shape[-1]) if len(shape) == 4 else None
+def _torch_fc(conv1_shape: tuple[int, ...] | None) -> str:
+    """torch's name of the classifier of a model whose `conv1.weight` has this shape."""
+    return _TORCH_FC.get(_stem(conv1_shape), "fc")
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -120,7 +122,7 @@ def check_torch_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     """The architecture a state dict's names and shapes fit (UserError if none): runs before
     the tensors are read, so a file cannot make us allocate more than a ResNet needs."""
     variables: Variables = {"params": {}, "batch_stats": {}}
-    fc = _torch_fc(_torch_stem_size({k: v for k, v in shapes.items() if k == "conv1.weight"}))
+    fc = _torch_fc(shapes.get("conv1.weight"))
     for key, shape in shapes.items():
         if key.endswith("num_batches_tracked"):
             running_var = key.replace("num_batches_tracked", "running_var")
@@ -139,7 +141,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray]) -> Variables:
     """A torchvision (or CIFAR ResNet) state dict (numpy arrays) -> {'params', 'batch_stats'}
     in torchvision's layout, one entry per block (`models.scan.stack_blocks` scans them)."""
     variables: Variables = {"params": {}, "batch_stats": {}}
-    fc = _torch_fc(_torch_stem_size(state_dict))
+    fc = _torch_fc(np.shape(state_dict["conv1.weight"]) if "conv1.weight" in state_dict else None)
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -155,7 +157,7 @@ def flax_to_torch(variables: Variables) -> dict[str, np.ndarray]:
     (numpy arrays); the CIFAR ResNets' classifier is `linear`."""
     variables = unstack_blocks({k: variables.get(k, {}) for k in ("params", "batch_stats")})
     stem = variables["params"].get("conv1", {}).get("kernel")
-    fc = _torch_fc(None if stem is None else int(np.shape(stem)[0]))
+    fc = _torch_fc(None if stem is None else tuple(np.shape(stem)[i] for i in _TO_TORCH[4]))
     state_dict: dict[str, np.ndarray] = {}
     for path, value in flatten_dict(variables).items():
         value = np.asarray(value)
@@ -190,7 +192,7 @@ def detect_arch(state_dict: dict[str, Any]) -> str:
         out_ch, in_per_group = np.shape(state_dict["layer1.0.conv2.weight"])[:2]
         groups = out_ch // in_per_group
         width_per_group = in_per_group
-    stem = _STEM_OF_KERNEL.get(_torch_stem_size(state_dict), "unknown")
+    stem = _stem(np.shape(state_dict["conv1.weight"]) if "conv1.weight" in state_dict else ())
     shortcut = "B" if any(".downsample." in k for k in state_dict) else "A"
     structure = (block, depths, groups, width_per_group, planes, stem, shortcut)
     found = find_architecture(structure)
