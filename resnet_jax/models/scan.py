@@ -16,14 +16,14 @@ import jax
 import numpy as np
 
 __all__ = [
-    "SCAN_MIN_BLOCKS", "Scannable", "scan_name", "scanned_stages", "stack_blocks",
+    "SCAN_MIN_REPEATS", "Scannable", "scan_name", "scanned_stages", "stack_blocks",
     "unstack_blocks",
 ]  # fmt: skip
 
-# A stage is scanned from this many repeated blocks: XLA:CPU compiles a loop, its stacked
-# residuals and their slicing at a fixed cost that only pays off for deeper stages
-# (benchmarks/depth.py measures it; see benchmarks/RESULTS.md).
-SCAN_MIN_BLOCKS = 8
+# A stage is scanned from this many repeated blocks (blocks after its first): XLA:CPU compiles a
+# loop, with its stacked residuals and their slicing, at a fixed cost that only deeper stages
+# pay back (benchmarks/depth.py measures it).
+SCAN_MIN_REPEATS = 8
 
 
 class Scannable(Protocol):
@@ -40,10 +40,10 @@ def scan_name(stage: int) -> str:
 
 def scanned_stages(layers: Sequence[int], scan: bool = True) -> dict[int, int]:
     """Stage (1 = layer1) -> how many of its blocks run scanned: all but the first, in the
-    stages with at least `SCAN_MIN_BLOCKS` of them; none unless `scan`."""
+    stages with at least `SCAN_MIN_REPEATS` of them; none unless `scan`."""
     if not scan:
         return {}
-    return {s: depth - 1 for s, depth in enumerate(layers, start=1) if depth > SCAN_MIN_BLOCKS}
+    return {s: depth - 1 for s, depth in enumerate(layers, start=1) if depth > SCAN_MIN_REPEATS}
 
 
 def _stack(leaves: list[Any]) -> Any:

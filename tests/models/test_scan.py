@@ -18,13 +18,13 @@ from resnet_jax.models.resnet import FC_STAGE, ResNet
 from resnet_jax.models.scan import scanned_stages, stack_blocks, unstack_blocks
 from tests.helpers import relative_error
 
-DEPTH = 3  # with SCAN_MIN_BLOCKS 2 (below), the second stage of `tiny` is scanned
+DEPTH = 3  # with SCAN_MIN_REPEATS 2 (below), the second stage of `tiny` is scanned
 
 
 @pytest.fixture(autouse=True)
 def shallow_scans(monkeypatch):
     """Scan from 2 repeated blocks, so that small graphs (quick to compile) hold a scan."""
-    monkeypatch.setattr(scan_module, "SCAN_MIN_BLOCKS", 2)
+    monkeypatch.setattr(scan_module, "SCAN_MIN_REPEATS", 2)
 
 
 def tiny(scan: bool, **kwargs) -> ResNet:
