@@ -7,8 +7,8 @@
 
 Table, per architecture and form ("unscanned": `scan=False`; "scanned": the default, which
 scans the stages with at least `SCAN_MIN_REPEATS` repeated blocks; "all scanned": every stage
-with 2 or more, `SCAN_MIN_REPEATS` set to 2): model creation + `init_variables` seconds; trace,
-lower and compile seconds of train.py's step (Adam, `DataParallel.jit_train_step`) with JAX's
+with 2 blocks or more, `SCAN_MIN_REPEATS` set to 1): model creation + `init_variables`
+seconds; trace, lower and compile seconds of train.py's step (Adam, `DataParallel.jit_train_step`) with JAX's
 persistent cache off; the median step seconds after a warm-up step; peak RSS (VmHWM).
 ImageNet models run at `--image-size` (default 64), CIFAR ones at 32 px.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ARCHS = ("resnet18", "resnet50", "resnet101", "resnet152", "resnet20", "resnet56", "resnet110",
          "resnet1202")  # fmt: skip
-FORMS = {"unscanned": None, "scanned": None, "all scanned": 2}  # form -> SCAN_MIN_REPEATS
+FORMS = {"unscanned": None, "scanned": None, "all scanned": 1}  # form -> SCAN_MIN_REPEATS
 
 
 def peak_rss_mb() -> float:

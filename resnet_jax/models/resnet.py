@@ -19,6 +19,7 @@ from jax import lax
 from resnet_jax.models.blocks import ModuleDef, ResidualBlock
 from resnet_jax.models.layers import BatchNorm, Conv, Dtype, storage_dtype, torch_linear_init
 from resnet_jax.models.scan import scan_name, scanned_stages
+from resnet_jax.ops import extension
 from resnet_jax.ops.xla import max_pool
 
 __all__ = [
@@ -57,20 +58,23 @@ class Stage(nn.Module):
     repeated_shortcut: str  # "identity", or "none" in a plain network
     stage: int  # 1 for layer1
     scanned: bool = False
+    unroll: bool = False  # the scanned blocks as straight-line code (the same variables)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.block(strides=self.strides, shortcut=self.shortcut, name=f"layer{self.stage}_0")(x)
+        prefix = f"layer{self.stage}"
+        x = self.block(strides=self.strides, shortcut=self.shortcut, name=f"{prefix}_0")(x)
         repeated = partial(self.block, strides=1, shortcut=self.repeated_shortcut)
         if not self.scanned:
             for i in range(1, self.depth):
-                x = repeated(name=f"layer{self.stage}_{i}")(x)
+                x = repeated(name=f"{prefix}_{i}")(x)
             return x
         scan = nn.scan(
             lambda block, x, _: (block(x), None),
             variable_axes={True: 0},  # every collection stacked, one entry per block
             split_rngs={"params": True},
             length=self.depth - 1,
+            unroll=self.depth - 1 if self.unroll else 1,
         )
         return scan(repeated(name=scan_name(self.stage)), x, None)[0]
 
@@ -121,6 +125,9 @@ class ResNet(nn.Module):
 
         x = end_of_stage(self._stem(x, conv, norm(0)), 0)
         scanned = scanned_stages(self.layers, self.scan)
+        # XLA:CPU differentiates its own convolutions inside a loop through a path tens of
+        # times slower than the same convolutions unrolled: there, scanned stages are unrolled.
+        unroll = extension.convs_on_xla_cpu(self.dtype)
         in_features = self.planes[0]
         for stage, (planes, depth) in enumerate(zip(self.planes, self.layers), start=1):
             strides = 1 if stage == 1 else 2
@@ -129,9 +136,12 @@ class ResNet(nn.Module):
                             width_per_group=self.width_per_group,
                             zero_init_residual=self.zero_init_residual)  # fmt: skip
             changes_shape = strides != 1 or in_features != out_features
-            layer = Stage(block, depth, strides, self._shortcut(changes_shape),
-                          self._shortcut(False), stage, stage in scanned, name=f"layer{stage}")  # fmt: skip
-            nn.share_scope(self, layer)
+            layer = Stage(
+                block, depth, strides, shortcut=self._shortcut(changes_shape),
+                repeated_shortcut=self._shortcut(False), stage=stage, scanned=stage in scanned,
+                unroll=unroll, name=f"layer{stage}",
+            )  # fmt: skip
+            nn.share_scope(self, layer)  # its blocks are `layer1_0`, not `layer1/layer1_0`
             x = end_of_stage(layer(x), stage)
             in_features = out_features
         if not self.include_top:

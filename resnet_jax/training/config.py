@@ -64,8 +64,8 @@ class TrainConfig:
     weights: str | None = option(
         None,
         "torchvision's ImageNet weights (downloaded once, sha256-checked), none (random "
-        "init), a .pth/.th/.safetensors/.msgpack file, or hf:ORG/NAME[@REVISION] on the Hugging Face "
-        "hub (e.g. hf:timm/resnet50.tv2_in1k); a head of another size is replaced by a new "
+        "init), a .pth/.th/.safetensors/.msgpack file, or hf:ORG/NAME[@REVISION] on the Hugging "
+        "Face hub (e.g. hf:timm/resnet50.tv2_in1k); a head of another size is replaced by a new "
         "one for the classes of the data (default: imagenet; none with --synthetic or for an "
         "architecture without published weights, such as the CIFAR ResNets)",
         metavar="imagenet|none|PATH|hf:ORG/NAME",

@@ -67,8 +67,8 @@ _TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
 
 
 def _flax_path(key: str, rank: int, fc: str = "fc") -> tuple[str, ...]:
-    """`layer1.0.downsample.1.running_var` -> ('batch_stats', 'layer1_0', 'downsample', 'bn', 'var');
-    `fc` is torch's name of the classifier (`_TORCH_FC`)."""
+    """`layer1.0.downsample.1.running_var` -> ('batch_stats', 'layer1_0', 'downsample', 'bn',
+    'var'); `fc` is torch's name of the classifier (`_TORCH_FC`)."""
     *modules, leaf = key.split(".")
     top = rf"conv1|bn1|{fc}|head|layer\d+"
     if (leaf, rank) not in _LEAVES or not re.fullmatch(top, modules[0]):
