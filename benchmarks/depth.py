@@ -2,7 +2,7 @@
 
     python benchmarks/depth.py                       # the table below for the default archs
     python benchmarks/depth.py --archs resnet152 resnet1202 --batch 2
-    python benchmarks/depth.py --step-time resnet50 --batch 16 --image-size 224 --rounds 3
+    python benchmarks/depth.py --step-time resnet50 --batch 16 --image-size 224 --steps 20
     python benchmarks/depth.py --archs resnet1202 --batch 128 --forms scanned
 
 Table, per architecture and form ("unscanned": `scan=False`; "scanned": the default, which
@@ -13,8 +13,9 @@ persistent cache off; the median step seconds after a warm-up step; peak RSS (Vm
 ImageNet models run at `--image-size` (default 64), CIFAR ones at 32 px.
 
 `--step-time ARCH`: the step seconds of "unscanned" and "all scanned" only, with the CPU
-extension's convolutions and with RESNET_JAX_CONV=xla, the processes alternating over
-`--rounds` rounds (a ratio within one run is what means something on a shared machine).
+extension's convolutions and with RESNET_JAX_CONV=xla: both forms compiled in one process and
+their steps alternating one by one, so that a shared machine's load falls on both alike (the
+ratio is what means something there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ARCHS = ("resnet18", "resnet50", "resnet101", "resnet152", "resnet20", "resnet56", "resnet110",
@@ -41,11 +43,9 @@ def peak_rss_mb() -> float:
     raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")
 
 
-def worker(arch: str, form: str, batch: int, size: int, steps: int) -> dict:
-    """Runs in a fresh process: init, compile and step of one (architecture, form)."""
-    from resnet_jax.runtime.memory import keep_freed_memory
-
-    keep_freed_memory()  # as train.py does
+def build(arch: str, form: str, batch: int, size: int) -> tuple[Callable[[], None], dict]:
+    """One (architecture, form): timed model creation + init and step compilation; returns a
+    function that runs one step to completion, and the timings."""
     import jax
     import numpy as np
 
@@ -56,9 +56,8 @@ def worker(arch: str, form: str, batch: int, size: int, steps: int) -> dict:
     from resnet_jax.training.parallel import DataParallel
     from resnet_jax.training.steps import create_state, zero_totals
 
-    jax.config.update("jax_enable_compilation_cache", False)
     if FORMS[form] is not None:
-        scan.SCAN_MIN_REPEATS = FORMS[form]
+        scan.SCAN_MIN_REPEATS = FORMS[form]  # read when the step is traced, below
     out: dict = {}
     start = time.perf_counter()
     model = create_model(arch, scan=form != "unscanned")
@@ -78,30 +77,59 @@ def worker(arch: str, form: str, batch: int, size: int, steps: int) -> dict:
         "mask": np.ones(batch, bool),
     })  # fmt: skip
     totals = dp.replicate(zero_totals())
-    step = dp.jit_train_step()
     start = time.perf_counter()
-    traced = step.trace(state, data, totals)
+    traced = dp.jit_train_step().trace(state, data, totals)
     out["trace_s"] = time.perf_counter() - start
     lowered = traced.lower()
     out["lower_s"] = time.perf_counter() - start - out["trace_s"]
     compiled = lowered.compile()
     out["compile_s"] = time.perf_counter() - start - out["trace_s"] - out["lower_s"]
-    times = []
-    for _ in range(steps + 1):  # the first one warms up
-        start = time.perf_counter()
-        state, new_totals = compiled(state, data, totals)
+    holder = [state]
+
+    def step() -> None:
+        holder[0], new_totals = compiled(holder[0], data, totals)
         jax.block_until_ready(new_totals)
-        times.append(time.perf_counter() - start)
-    out["step_s"] = statistics.median(times[1:])
+
+    return step, out
+
+
+def seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def worker(arch: str, form: str, batch: int, size: int, steps: int) -> dict:
+    """Runs in a fresh process: init, compile, step seconds and peak memory of one form."""
+    step, out = build(arch, form, batch, size)
+    step()  # a warm-up
+    out["step_s"] = statistics.median(seconds(step) for _ in range(steps))
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-def in_subprocess(args: argparse.Namespace, arch: str, form: str, size: int, env: dict) -> dict:
-    """`worker` in a fresh process; its JSON line."""
-    cmd = [sys.executable, __file__, "--worker", arch, form, "--batch", str(args.batch),
-           "--image-size", str(size), "--steps", str(args.steps)]  # fmt: skip
-    env = {**os.environ, **env}
+def pair_worker(arch: str, batch: int, size: int, steps: int) -> dict:
+    """Runs in a fresh process: "unscanned" and "all scanned" steps, alternating one by one, so
+    that the load of a shared machine falls on both alike."""
+    forms = ("unscanned", "all scanned")
+    runs = [build(arch, form, batch, size)[0] for form in forms]
+    for run in runs:
+        run()  # a warm-up
+    times: list[list[float]] = [[], []]
+    for i in range(steps):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            times[j].append(seconds(runs[j]))
+    ratios = [b / a for a, b in zip(*times)]
+    return {form: statistics.median(t) for form, t in zip(forms, times)} | {
+        "ratio": statistics.median(ratios)
+    }
+
+
+def run_worker(args: list[str], env: dict) -> dict:
+    """This script with `args` in a fresh process (persistent compilation cache off); its JSON
+    line, or the last line of its error."""
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false", **env}
+    cmd = [sys.executable, __file__, *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
@@ -122,7 +150,9 @@ def table(args: argparse.Namespace) -> None:
     print(" | ".join(header))
     for arch in args.archs:
         for form in args.forms:
-            r = in_subprocess(args, arch, form, size_of(arch, args.image_size), {})
+            cmd = ["--worker", arch, form, "--batch", str(args.batch), "--image-size",
+                   str(size_of(arch, args.image_size)), "--steps", str(args.steps)]  # fmt: skip
+            r = run_worker(cmd, {})
             if "error" in r:
                 print(f"{arch} | {form} | error: {r['error']}", flush=True)
                 continue
@@ -134,18 +164,17 @@ def table(args: argparse.Namespace) -> None:
 
 def step_time(args: argparse.Namespace) -> None:
     arch, size = args.step_time, size_of(args.step_time, args.image_size)
-    print(f"{arch}, batch {args.batch}, {size} px: step seconds (median of {args.steps} after "
-          f"one), {args.rounds} alternating rounds")  # fmt: skip
+    print(f"{arch}, batch {args.batch}, {size} px: median step seconds of {args.steps} steps of "
+          "each form, alternating in one process")  # fmt: skip
     for conv in ("onednn", "xla"):
-        env = {"RESNET_JAX_CONV": conv}
-        times: dict[str, list[float]] = {"unscanned": [], "all scanned": []}
-        for _ in range(args.rounds):
-            for form, seconds in times.items():
-                seconds.append(in_subprocess(args, arch, form, size, env)["step_s"])
-        a, b = (statistics.median(times[f]) for f in ("unscanned", "all scanned"))
-        rounds = {f: " ".join(f"{t:.3f}" for t in ts) for f, ts in times.items()}
-        print(f"RESNET_JAX_CONV={conv}: unscanned {a:.3f} s ({rounds['unscanned']}), all "
-              f"scanned {b:.3f} s ({rounds['all scanned']}), scanned/unscanned {b / a:.3f}",
+        cmd = ["--pair", arch, "--batch", str(args.batch), "--image-size", str(size),
+               "--steps", str(args.steps)]  # fmt: skip
+        r = run_worker(cmd, {"RESNET_JAX_CONV": conv})
+        if "error" in r:
+            print(f"RESNET_JAX_CONV={conv}: error: {r['error']}", flush=True)
+            continue
+        print(f"RESNET_JAX_CONV={conv}: unscanned {r['unscanned']:.3f} s, all scanned "
+              f"{r['all scanned']:.3f} s, median ratio scanned/unscanned {r['ratio']:.3f}",
               flush=True)  # fmt: skip
 
 
@@ -157,11 +186,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--step-time", metavar="ARCH")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", nargs=2, metavar=("ARCH", "FORM"), help=argparse.SUPPRESS)
+    parser.add_argument("--pair", metavar="ARCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker or args.pair:
+        from resnet_jax.runtime.memory import keep_freed_memory
+
+        keep_freed_memory()  # as train.py does, before any JAX computation
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch, args.image_size, args.steps)))
+    elif args.pair:
+        print(json.dumps(pair_worker(args.pair, args.batch, args.image_size, args.steps)))
     elif args.step_time:
         step_time(args)
     else:
