@@ -77,18 +77,15 @@ def memory_mb(field: str) -> float:
 def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
     """train.py's compiled step on a fixed uint8 batch; each call runs one step to completion."""
     import jax
-    import jax.numpy as jnp
 
-    from resnet_jax.models.factory import create_model
+    from resnet_jax.models.factory import create_model, init_variables
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.parallel import DataParallel
     from resnet_jax.training.steps import create_state, zero_totals
 
     dp = DataParallel()
     model = create_model(arch)
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
-    )
+    variables = init_variables(model)  # drawn on the host: no model-sized graph compiled
     tx = make_optimizer("adam", 1e-4, 0.0)
     make_state = jax.jit(lambda v: create_state(model.apply, tx, v), out_shardings=dp.replicated)
     state = make_state(dp.replicate(variables))  # as the trainer builds it
@@ -113,16 +110,12 @@ def jax_train_step(arch: str, batch: int, size: int) -> Callable[[], None]:
 
 def jax_predict(arch: str, batch: int, size: int) -> Callable[[], object]:
     """predict.py's path: `Predictor.predict_arrays` on eval-transformed uint8 NHWC images."""
-    import jax
-    import jax.numpy as jnp
 
     from resnet_jax.inference.predictor import Predictor
-    from resnet_jax.models.factory import create_model
+    from resnet_jax.models.factory import create_model, init_variables
 
     model = create_model(arch)
-    variables = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False
-    )
+    variables = init_variables(model)  # drawn on the host: no model-sized graph compiled
     predictor = Predictor(model, variables, [str(i) for i in range(1000)])
     x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     return lambda: predictor.predict_arrays(x)

@@ -36,6 +36,84 @@ def randomised_torch_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Modul
         )
     else:
         model = getattr(torchvision.models, name)(**kwargs)
+    _randomise_batch_norm(model)
+    return model
+
+
+class TorchCifarBlock(torch.nn.Module):
+    """A basic block of the paper's CIFAR-10 networks (He et al. 2016, section 4.2), written
+    from its description: conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU. Where the
+    shape changes, option "A" adds x subsampled by the stride with zero channels padded half
+    before and half after (as Idelbayev's public checkpoints do), option "B" a 1x1 conv + BN
+    (`downsample`, torchvision's name); `shortcut=None` is a plain block (no shortcut)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str | None):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.extra, self.shortcut = stride, planes - in_planes, shortcut
+        self.changes_shape = stride != 1 or in_planes != planes
+        if shortcut == "B" and self.changes_shape:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        if self.shortcut is None:
+            return torch.relu(out)
+        if self.changes_shape and self.shortcut == "B":
+            x = self.downsample(x)
+        elif self.changes_shape:
+            half = self.extra // 2
+            x = torch.nn.functional.pad(
+                x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, half, self.extra - half)
+            )
+        return torch.relu(out + x)
+
+
+class TorchCifarResNet(torch.nn.Module):
+    """The paper's 6n+2-layer CIFAR-10 network in torch, named as the public checkpoints name
+    it (`conv1`, `bn1`, `layer1.0.conv1`, ..., `linear`): a 3x3 16-channel stem, three stages of
+    n blocks at 16, 32 and 64 planes (strides 1, 2, 2), global average pooling, `linear`."""
+
+    def __init__(self, n: int, shortcut: str | None = "A", num_classes: int = 10):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        in_planes = 16
+        for stage, planes in enumerate((16, 32, 64), start=1):
+            blocks = []
+            for i in range(n):
+                stride = 2 if stage > 1 and i == 0 else 1
+                blocks.append(TorchCifarBlock(in_planes, planes, stride, shortcut))
+                in_planes = planes
+            setattr(self, f"layer{stage}", torch.nn.Sequential(*blocks))
+        self.linear = torch.nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(x.mean((2, 3)))
+
+
+def randomised_cifar_model(
+    name: str, seed: int = 0, shortcut: str | None = "A", num_classes: int = 10
+) -> TorchCifarResNet:
+    """resnetN / plainN of the paper in torch with random weights and BatchNorm statistics
+    (plain networks ignore `shortcut`)."""
+    torch.manual_seed(seed)
+    depth = int(name.removeprefix("resnet").removeprefix("plain"))
+    shortcut = shortcut if name.startswith("resnet") else None
+    model = TorchCifarResNet((depth - 2) // 6, shortcut, num_classes)
+    _randomise_batch_norm(model)
+    return model
+
+
+def _randomise_batch_norm(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -43,7 +121,6 @@ def randomised_torch_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Modul
                 m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:

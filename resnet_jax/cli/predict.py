@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--cam",
         action="store_true",
-        help="also draw each image's Grad-CAM heat map of its top class (over layer4), one PNG "
-        "per image, IMAGE_STEM.cam.png in --cam-dir",
+        help="also draw each image's Grad-CAM heat map of its top class (over the last stage), "
+        "one PNG per image, IMAGE_STEM.cam.png in --cam-dir",
     )
     add(
         "--cam-dir",

@@ -1,11 +1,11 @@
 """Grad-CAM: where in an image a ResNet finds its top class (Selvaraju et al., 2017).
 
-For each image, with A the layer4 feature map (the output of its last block, (h, w, C)) and y
-the logit of the top class: the channel weights are the gradients dy/dA averaged over the
-positions, and the map is ReLU(sum_c w_c A_c), scaled to a maximum of 1. The gradient comes from
-`jax.grad` with respect to a zero array added to layer4's output (through
-`flax.linen.intercept_methods`), so the model runs unchanged, as in prediction, and only the
-part after layer4 (pooling, fc, an appended head) is differentiated.
+For each image, with A the feature map of the last stage (layer4; layer3 in the CIFAR ResNets),
+(h, w, C), and y the logit of the top class: the channel weights are the gradients dy/dA
+averaged over the positions, and the map is ReLU(sum_c w_c A_c), scaled to a maximum of 1. The
+gradient comes from `jax.grad` with respect to a zero array added to that stage's output
+(through `flax.linen.intercept_methods`), so the model runs unchanged, as in prediction, and
+only the part after it (pooling, fc, an appended head) is differentiated.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from resnet_jax.models.preprocess import eval_logits
 from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.models.resnet import ResNet
 
-__all__ = ["gradcam", "layer4_name", "upsample"]
+__all__ = ["gradcam", "last_stage_name", "upsample"]
 
 
-def layer4_name(model: ResNet) -> str:
-    """The name of layer4's last block, whose output is the feature map (`layer4_1` in resnet18)."""
-    return f"layer4_{model.layers[3] - 1}"
+def last_stage_name(model: ResNet) -> str:
+    """The name of the last stage (`resnet.Stage`), whose output is the feature map: `layer4`,
+    or `layer3` in the CIFAR ResNets."""
+    return f"layer{len(model.layers)}"
 
 
 def _shift_output(name: str, shift: jax.Array, seen: list[jax.Array]) -> Callable:
@@ -49,9 +50,9 @@ def gradcam(
 ) -> tuple[jax.Array, jax.Array]:
     """Eval-transformed uint8 NHWC images (as `data.Loader(train=False)` makes them) ->
     (probabilities (N, classes), the top class's Grad-CAM maps (N, h, w) in [0, 1]). Jit it."""
-    name = layer4_name(model)
+    name = last_stage_name(model)
     trunk = model.clone(include_top=False)
-    layer4 = jax.eval_shape(
+    feature_map = jax.eval_shape(
         partial(eval_logits, trunk.apply, transform=transform), variables, images
     )
 
@@ -64,7 +65,7 @@ def gradcam(
         total = jnp.sum(jnp.take_along_axis(logits, top[:, None], axis=-1))
         return total, (logits, seen[0])
 
-    zero = jnp.zeros(layer4.shape, jnp.float32)
+    zero = jnp.zeros(feature_map.shape, jnp.float32)
     grads, (logits, features) = jax.grad(top_logits, has_aux=True)(zero)
     weights = jnp.mean(grads, axis=(1, 2))  # (N, C)
     maps = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", features.astype(jnp.float32), weights))

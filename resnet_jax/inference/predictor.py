@@ -34,6 +34,7 @@ from resnet_jax.inference.gradcam import gradcam
 from resnet_jax.models.preprocess import eval_logits
 from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.models.resnet import ResNet
+from resnet_jax.models.scan import stack_blocks
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.weights.io import read_metadata
 from resnet_jax.weights.metadata import ModelMetadata, check_metadata
@@ -135,9 +136,8 @@ class Predictor:
     ) -> None:
         self.model = model
         self.arch = arch  # the registry name, when known
-        self.variables = jax.device_put(
-            {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        )
+        variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        self.variables = jax.device_put(stack_blocks(variables, model))  # the model's layout
         self.classes = list(classes)
         self.transform = transform
         self._forward = jax.jit(

@@ -1,5 +1,6 @@
-"""Residual blocks: the shortcut's projection, BasicBlock (ResNet-18/34) and Bottleneck
-(ResNet-50 and deeper, ResNeXt, Wide ResNet), named as torchvision names their layers."""
+"""Residual blocks: the shortcut's projection, BasicBlock (ResNet-18/34 and the CIFAR ResNets)
+and Bottleneck (ResNet-50 and deeper, ResNeXt, Wide ResNet), named as torchvision names their
+layers."""
 
 from __future__ import annotations
 
@@ -9,10 +10,22 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-__all__ = ["BLOCKS", "BasicBlock", "Bottleneck", "Downsample", "ModuleDef", "ResidualBlock"]
+__all__ = [
+    "BLOCKS", "SHORTCUTS", "BasicBlock", "Bottleneck", "Downsample", "ModuleDef", "ResidualBlock",
+    "pad_shortcut",
+]  # fmt: skip
 
 ModuleDef = Any  # a layer constructor: a partial of Conv or BatchNorm
+
+# What a block adds to its last BatchNorm's output before the final ReLU (`ResidualBlock.shortcut`).
+SHORTCUTS = {
+    "identity": "x itself",
+    "projection": "a 1x1 conv + BatchNorm of x (`downsample`): the paper's option B",
+    "pad": "x subsampled by the stride, zero channels added: the paper's option A, no parameters",
+    "none": "nothing: a block of the paper's plain networks",
+}
 
 
 class Downsample(nn.Module):
@@ -29,17 +42,23 @@ class Downsample(nn.Module):
         return self.norm(name="bn")(x)
 
 
-class ResidualBlock(nn.Module):
-    """What every residual block is given: its width, stride, shortcut and layer constructors.
+def pad_shortcut(x: jax.Array, features: int, strides: int) -> jax.Array:
+    """Option A: every `strides`-th pixel, the new channels zeros, half before the old ones and
+    half after (where the public CIFAR checkpoints, Idelbayev's, put them)."""
+    x = x[:, ::strides, ::strides, :]
+    extra = features - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
-    The block's output has `planes * expansion` channels.
-    """
+
+class ResidualBlock(nn.Module):
+    """What every residual block is given: its width, stride, shortcut (`SHORTCUTS`) and layer
+    constructors. The block's output has `planes * expansion` channels."""
 
     expansion: ClassVar[int] = 1
 
     planes: int
     strides: int
-    downsample: bool
+    shortcut: str
     conv: ModuleDef
     norm: ModuleDef
     groups: int = 1
@@ -51,9 +70,24 @@ class ResidualBlock(nn.Module):
         """The init of the block's last BatchNorm scale: 0 with `zero_init_residual`."""
         return nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
+    def add_shortcut(self, out: jax.Array, x: jax.Array) -> jax.Array:
+        """ReLU(out + the shortcut of the block's input x)."""
+        features = self.planes * self.expansion
+        if self.shortcut == "none":
+            return nn.relu(out)
+        if self.shortcut == "projection":
+            x = Downsample(features, self.strides, self.conv, self.norm, name="downsample")(x)
+        elif self.shortcut == "pad":
+            x = pad_shortcut(x, features, self.strides)
+        elif self.shortcut != "identity":
+            raise ValueError(
+                f"shortcut must be one of {', '.join(SHORTCUTS)}, not {self.shortcut!r}."
+            )
+        return nn.relu(out + x)
+
 
 class BasicBlock(ResidualBlock):
-    """Two 3x3 convs and a shortcut: the block of ResNet-18 and ResNet-34."""
+    """Two 3x3 convs and a shortcut: the block of ResNet-18, ResNet-34 and the CIFAR ResNets."""
 
     expansion: ClassVar[int] = 1
     # XLA:CPU fuses back-to-back 3x3 convs on small maps into one slow subgraph; patch products
@@ -69,9 +103,7 @@ class BasicBlock(ResidualBlock):
         out = nn.relu(self.norm(name="bn1")(out))
         out = conv(self.planes, 3, padding=1, name="conv2")(out)
         out = self.norm(scale_init=self.last_scale_init, name="bn2")(out)
-        if self.downsample:
-            x = Downsample(self.planes, self.strides, self.conv, self.norm, name="downsample")(x)
-        return nn.relu(out + x)
+        return self.add_shortcut(out, x)
 
 
 class Bottleneck(ResidualBlock):
@@ -88,10 +120,7 @@ class Bottleneck(ResidualBlock):
         out = nn.relu(self.norm(name="bn2")(out))
         out = self.conv(self.planes * self.expansion, 1, name="conv3")(out)
         out = self.norm(scale_init=self.last_scale_init, name="bn3")(out)
-        if self.downsample:
-            features = self.planes * self.expansion
-            x = Downsample(features, self.strides, self.conv, self.norm, name="downsample")(x)
-        return nn.relu(out + x)
+        return self.add_shortcut(out, x)
 
 
 BLOCKS: dict[str, type[ResidualBlock]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

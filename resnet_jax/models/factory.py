@@ -6,31 +6,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from resnet_jax.models.blocks import BLOCKS
+from resnet_jax.models.init import init_variables
 from resnet_jax.models.registry import ARCHITECTURES, get_architecture
 from resnet_jax.models.resnet import ResNet
 
-__all__ = ["ARCHS", "create_model", "init_variables"]  # and one factory per architecture, below
-
-
-def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int = 32) -> dict:
-    """Fresh {'params', 'batch_stats'} from one blank image (the shapes do not depend on its size)."""
-    key = jax.random.key(0) if key is None else key
-    return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)
+# and one factory per architecture, below; init_variables is models.init's, kept here for callers
+__all__ = ["ARCHS", "create_model", "init_variables"]
 
 
 def create_model(arch: str, **kwargs: Any) -> ResNet:
     """The ResNet that `registry.ARCHITECTURES[arch]` describes (a UserError for unknown names).
 
-    Takes `num_classes`, `include_top`, `dtype` and the other ResNet fields.
+    Takes `num_classes` (default: the architecture's data set's), `include_top`, `dtype` and
+    the other ResNet fields, such as `shortcut="B"` or `scan=False`.
     """
     a = get_architecture(arch)
-    return ResNet(
-        BLOCKS[a.block], a.layers, groups=a.groups, width_per_group=a.width_per_group, **kwargs
-    )
+    registered = {
+        "num_classes": a.num_classes, "groups": a.groups, "width_per_group": a.width_per_group,
+        "planes": a.planes, "stem": a.stem, "shortcut": a.shortcut, "residual": a.residual,
+    }  # fmt: skip
+    return ResNet(BLOCKS[a.block], a.layers, **{**registered, **kwargs})
 
 
 def _factory(arch: str) -> Callable[..., ResNet]:

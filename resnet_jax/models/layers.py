@@ -15,7 +15,10 @@ from jax import lax
 
 from resnet_jax.ops import extension, xla
 
-__all__ = ["BatchNorm", "Conv", "Dtype", "conv_init", "storage_dtype", "torch_linear_init"]
+__all__ = [
+    "BatchNorm", "Conv", "Dtype", "conv_init", "conv_std", "linear_bound", "storage_dtype",
+    "torch_linear_init",
+]  # fmt: skip
 
 Dtype = Any
 
@@ -26,13 +29,26 @@ def storage_dtype(dtype: Dtype) -> jnp.dtype:
     return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
-# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e. N(0, 2 / fan_out).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+def conv_std(shape: tuple[int, ...]) -> float:
+    """The std of an HWIO conv kernel's initial values: torchvision's
+    kaiming_normal_(mode="fan_out", nonlinearity="relu"), N(0, 2 / fan_out)."""
+    kh, kw, _, out = shape
+    return math.sqrt(2.0 / (kh * kw * out))
+
+
+def conv_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    """Initial conv kernel values, N(0, conv_std(shape)^2)."""
+    return conv_std(shape) * jax.random.normal(key, shape, dtype)
+
+
+def linear_bound(fan_in: int) -> float:
+    """torch.nn.Linear's default init for weight and bias: U(-bound, bound), 1/sqrt(fan_in)."""
+    return 1.0 / math.sqrt(fan_in)
 
 
 def torch_linear_init(fan_in: int) -> Callable:
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch.nn.Linear's default for weight and bias."""
-    bound = 1.0 / math.sqrt(fan_in)
+    """U(-linear_bound(fan_in), linear_bound(fan_in)), for a Dense kernel or bias."""
+    bound = linear_bound(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
         key, shape, dtype, -bound, bound
     )

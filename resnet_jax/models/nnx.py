@@ -13,10 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.models import factory, resnet
+from resnet_jax.models.scan import stack_blocks, unstack_blocks
 from resnet_jax.models.variables import check_fits, expected_variables
 from resnet_jax.runtime.errors import UserError
 
@@ -62,15 +64,17 @@ def to_linen_variables(model: NnxResNet) -> dict[str, Any]:
 def create_nnx_model(
     arch: str,
     *,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     rngs: nnx.Rngs | None = None,
     variables: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> NnxResNet:
-    """The `NnxResNet` of `factory.create_model(arch, num_classes=..., **fields)`, holding
-    `variables` ({'params', 'batch_stats'}, e.g. from `load_variables`) or fresh ones from
-    `rngs` (default `nnx.Rngs(0)`)."""
-    linen = factory.create_model(arch, num_classes=num_classes, **fields)
+    """The `NnxResNet` of `factory.create_model(arch, num_classes=..., **fields)` (default: the
+    architecture's number of classes), holding `variables` ({'params', 'batch_stats'}, e.g.
+    from `load_variables`) or fresh ones from `rngs` (default `nnx.Rngs(0)`)."""
+    if num_classes is not None:
+        fields["num_classes"] = num_classes
+    linen = factory.create_model(arch, **fields)
     if variables is None:
         key = (rngs if rngs is not None else nnx.Rngs(0)).params()
         return NnxResNet(linen, factory.init_variables(linen, key))
@@ -85,10 +89,12 @@ def _fitted(linen: resnet.ResNet, arch: str, variables: Any) -> dict[str, Any]:
             f"variables= must be a dict with 'params' and 'batch_stats' for {model}, "
             "as resnet_jax.load_variables returns."
         )
-    have = flatten_dict({c: dict(variables[c]) for c in COLLECTIONS})
+    # Compared in torchvision's layout, one entry per block, whichever the model and file use.
+    have = flatten_dict(unstack_blocks({c: dict(variables[c]) for c in COLLECTIONS}))
     want = expected_variables(linen)
     check_fits(
-        variables, want, f"These variables do not fit {model}",
+        unflatten_dict(have), want, f"These variables do not fit {model}",
         advice="pass the arch, num_classes and head they were made with",
     )  # fmt: skip
-    return unflatten_dict({p: jnp.asarray(have[p], want[p].dtype) for p in want})
+    fitted = unflatten_dict({p: np.asarray(have[p], want[p].dtype) for p in want})
+    return jax.tree.map(jnp.asarray, stack_blocks(fitted, linen))

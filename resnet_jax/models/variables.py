@@ -10,8 +10,9 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from resnet_jax.models.factory import init_variables
+from resnet_jax.models.init import variable_shapes
 from resnet_jax.models.resnet import ResNet
+from resnet_jax.models.scan import unstack_blocks
 from resnet_jax.runtime.errors import UserError
 
 __all__ = ["SHOWN_PER_KIND", "VariablePath", "check_fits", "expected_variables", "flax_name"]
@@ -22,8 +23,9 @@ SHOWN_PER_KIND = 5  # the report names this many of each kind of misfit, then co
 
 
 def expected_variables(model: ResNet) -> dict[VariablePath, jax.ShapeDtypeStruct]:
-    """The shape and dtype of each of `model`'s variables, by path, without computing any."""
-    return flatten_dict(dict(jax.eval_shape(lambda: init_variables(model))))
+    """The shape and dtype of each of `model`'s variables, by path, without computing any, in
+    torchvision's layout (one entry per block, however the model stacks them: `models/scan.py`)."""
+    return flatten_dict(unstack_blocks(variable_shapes(model)))
 
 
 def flax_name(path: VariablePath, shape: Shape) -> tuple[str, Shape]:

@@ -32,6 +32,7 @@ __all__ = [
     "batch_norm_train",
     "conv",
     "conv_path",
+    "convs_on_xla_cpu",
     "onednn_conv",
     "use_onednn",
 ]
@@ -101,6 +102,12 @@ def use_onednn(dtype: jnp.dtype) -> bool:
     """Whether work of this dtype (convolutions, training-mode BatchNorm) goes to the extension
     on CPU (float32 only)."""
     return jnp.dtype(dtype) == jnp.float32 and conv_path() == "onednn"
+
+
+def convs_on_xla_cpu(dtype: jnp.dtype) -> bool:
+    """Whether convolutions of this dtype run as XLA:CPU's own: on CPU without the extension
+    (or with RESNET_JAX_CONV=xla), or in another dtype than float32."""
+    return jax.default_backend() == "cpu" and not use_onednn(dtype)
 
 
 def _call(name: str, shape: tuple[int, ...], a, b, stride: int, padding: int, groups: int):

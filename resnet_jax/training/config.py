@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from resnet_jax.models.factory import ARCHS, create_model
+from resnet_jax.models.registry import get_architecture
 from resnet_jax.models.resnet import HEADS
 from resnet_jax.runtime.errors import UserError, check_choice
 from resnet_jax.training.optim import FREEZE, OPTIMIZERS, SCHEDULES
@@ -63,9 +64,10 @@ class TrainConfig:
     weights: str | None = option(
         None,
         "torchvision's ImageNet weights (downloaded once, sha256-checked), none (random "
-        "init), a .pth/.safetensors/.msgpack file, or hf:ORG/NAME[@REVISION] on the Hugging Face "
-        "hub (e.g. hf:timm/resnet50.tv2_in1k); a head of another size is replaced by a new "
-        "one for the classes of the data (default: imagenet; none with --synthetic)",
+        "init), a .pth/.th/.safetensors/.msgpack file, or hf:ORG/NAME[@REVISION] on the Hugging "
+        "Face hub (e.g. hf:timm/resnet50.tv2_in1k); a head of another size is replaced by a new "
+        "one for the classes of the data (default: imagenet; none with --synthetic or for an "
+        "architecture without published weights, such as the CIFAR ResNets)",
         metavar="imagenet|none|PATH|hf:ORG/NAME",
     )
     head: str = option(
@@ -193,6 +195,7 @@ def check_options(config: Any) -> None:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Check every option that needs no data; fill in the defaults that depend on others."""
     create_model(config.arch)  # UserError for an unknown name
+    published = get_architecture(config.arch).weights is not None
     check_options(config)
     if config.schedule == "cosine" and config.warmup_epochs >= config.epochs:
         raise UserError(
@@ -202,7 +205,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     default_wd = 0.01 if config.optimizer == "adamw" else 0.0
     return dataclasses.replace(
         config,
-        weights=config.weights or ("none" if config.synthetic else "imagenet"),
+        weights=config.weights or ("imagenet" if published and not config.synthetic else "none"),
         weight_decay=default_wd if config.weight_decay is None else config.weight_decay,
         data_dir=None if config.data_dir is None else os.path.abspath(config.data_dir),
         output_dir=config.output_dir or os.path.join("runs", config.arch),

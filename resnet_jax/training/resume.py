@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from resnet_jax.models.factory import init_variables
+from resnet_jax.models.init import variable_shapes
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.training.checkpoint import Checkpoints
@@ -64,7 +64,7 @@ def start(
             + ", ".join(changed)
             + "; pass the same values, or choose another --output-dir for a new run."
         )
-    abstract = jax.eval_shape(lambda: make_state(init_variables(model)))
+    abstract = jax.eval_shape(make_state, variable_shapes(model))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), abstract
     )

@@ -15,6 +15,7 @@ import numpy as np
 
 from resnet_jax.models.factory import init_variables
 from resnet_jax.models.resnet import APPENDED_FC_CLASSES, ResNet
+from resnet_jax.models.scan import stack_blocks
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.weights.download import pretrained_path
 from resnet_jax.weights.io import load_variables
@@ -26,7 +27,8 @@ __all__ = ["initial_variables"]
 def initial_variables(model: ResNet, arch: str, weights: str, seed: int) -> tuple[dict, str]:
     """Random variables, or pretrained ones ('imagenet' or a file) with a new head if needed.
 
-    Returns the variables (NumPy float32) and a sentence saying what was loaded.
+    Returns the variables (NumPy float32, in the model's layout, `models/scan.py`) and a
+    sentence saying what was loaded.
     """
     loaded = None
     if weights != "none":
@@ -37,9 +39,8 @@ def initial_variables(model: ResNet, arch: str, weights: str, seed: int) -> tupl
         loaded = load_variables(path)
         check_variables(loaded, arch)  # a UserError naming what does not fit
         if (num_classes_of(loaded), head_of(loaded)) == (model.num_classes, model.head):
-            return _float32(loaded), f"Loaded {path.name}."
-    fresh = jax.jit(lambda key: init_variables(model, key))(jax.random.key(seed))
-    fresh = jax.tree.map(np.asarray, fresh)
+            return _float32(loaded, model), f"Loaded {path.name}."
+    fresh = init_variables(model, jax.random.key(seed))  # host arrays, nothing compiled
     if loaded is None:
         return fresh, f"{arch} initialised at random (seed {seed})."
     params = {k: v for k, v in loaded["params"].items() if k not in ("fc", "head")}
@@ -64,7 +65,7 @@ def initial_variables(model: ResNet, arch: str, weights: str, seed: int) -> tupl
         params["fc"] = fresh["params"]["fc"]
         old = _describe_head(loaded)
         message = f"Loaded {path.name}; {old} replaced by a new {model.num_classes}-class head."
-    return _float32({"params": params, "batch_stats": loaded["batch_stats"]}), message
+    return _float32({"params": params, "batch_stats": loaded["batch_stats"]}, model), message
 
 
 def _describe_head(variables: dict) -> str:
@@ -78,5 +79,5 @@ def _describe_head(variables: dict) -> str:
     return f"its {fc}-class fc and {num_classes_of(variables)}-class head"
 
 
-def _float32(variables: dict) -> dict:
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
+def _float32(variables: dict, model: ResNet) -> dict:
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), stack_blocks(variables, model))

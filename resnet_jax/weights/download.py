@@ -45,7 +45,10 @@ def pretrained_path(
     the `-<sha256 prefix>` part.
     """
     if url is None:
-        url = get_architecture(arch).weights.url
+        weights = get_architecture(arch).weights
+        if weights is None:
+            raise get_architecture(arch).no_weights_error()
+        url = weights.url
     filename = url.rsplit("/", 1)[-1]
     hash_prefix = sha256_prefix(filename)
     if hash_prefix is None:

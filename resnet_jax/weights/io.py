@@ -17,6 +17,7 @@ import numpy as np
 from flax import serialization
 from flax.core import unfreeze
 
+from resnet_jax.models.scan import unstack_blocks
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write
 from resnet_jax.weights.hub import hub_metadata, hub_weights_path, is_hub_ref
@@ -26,7 +27,7 @@ from resnet_jax.weights.torch_names import arch_from_torch_shapes, flax_to_torch
 
 __all__ = ["WEIGHT_SUFFIXES", "load_variables", "read_metadata", "save_variables"]
 
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pt", ".th", ".safetensors")  # .th: the CIFAR ResNets' checkpoints
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".msgpack")  # what load_variables reads
 
 
@@ -34,12 +35,13 @@ def save_variables(
     path: str | os.PathLike, variables: Any, metadata: ModelMetadata | None = None
 ) -> None:
     """Write variables atomically: `.msgpack` (the Flax tree) or `.safetensors` (torchvision
-    names), with `metadata` if given (see `metadata.py` for where each format keeps it)."""
+    names), with `metadata` if given (see `metadata.py` for where each format keeps it).
+    Either way one entry per block (a scanned model's stacked blocks are unstacked)."""
     path = Path(path)
     suffix = path.suffix.lower()
     table = {} if metadata is None else metadata.to_strings()
     if suffix == ".msgpack":
-        tree = jax.device_get(unfreeze(variables))  # a copy, so in_place below is safe
+        tree = unstack_blocks(jax.device_get(unfreeze(variables)))  # a copy: in_place is safe
         if table:
             tree = {METADATA_KEY: table, **tree}
         # in_place keeps the metadata first (a copy would sort the keys), so it reads quickly.
@@ -57,8 +59,9 @@ def save_variables(
 
 
 def load_variables(path: str | os.PathLike) -> dict:
-    """Read {'params', 'batch_stats'} from .msgpack, from a torchvision .safetensors/.pth/.pt,
-    or from `hf:ORG/NAME[@REVISION]` (its model.safetensors, downloaded once).
+    """Read {'params', 'batch_stats'} from .msgpack, from a torchvision .safetensors/.pth/.pt
+    (or a CIFAR ResNet's .th), or from `hf:ORG/NAME[@REVISION]` (its model.safetensors,
+    downloaded once). One entry per block: `models.scan.stack_blocks` fits a scanned model.
 
     A .msgpack holding a whole Flax TrainState gives its params and batch_stats.
     """
@@ -73,7 +76,7 @@ def load_variables(path: str | os.PathLike) -> dict:
         return torch_to_flax(load_torch_state_dict(path, check=arch_from_torch_shapes))
     if suffix != ".msgpack":
         raise UserError(
-            f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth or .pt file."
+            f"Cannot read weights from {path}: use a .msgpack, .safetensors, .pth, .pt or .th file."
         )
     try:
         data = path.read_bytes()

@@ -42,9 +42,10 @@ class ModelMetadata:
 
     @classmethod
     def default(cls, arch: str, num_classes: int, head: str = "replace") -> ModelMetadata:
-        """What a file without metadata is taken to be: the architecture's ImageNet eval
-        transform from the registry (resnext101_64x4d: resize 232), no class names."""
-        t = get_architecture(arch).weights.transform
+        """What a file without metadata is taken to be: the architecture's eval transform from
+        the registry (ImageNet's, resnext101_64x4d's resize 232, CIFAR's 32 px), no class
+        names."""
+        t = get_architecture(arch).transform
         return cls(arch, num_classes, None, t.crop_size, t.resize_size, t.crop_size, t.mean,
                    t.std, head)  # fmt: skip
 

@@ -23,6 +23,7 @@ from resnet_jax.weights.torch_names import torch_to_flax
 from tests.helpers import (
     flat,
     numpy_state_dict,
+    randomised_cifar_model,
     randomised_torch_model,
     relative_error,
     step_errors,
@@ -218,3 +219,18 @@ def test_wrong_arch_or_variables_are_one_clear_sentence(resnet18_file):
         text = str(error.value)
         assert all(f in text for f in fragments), text
         assert text.endswith(".") and ". " not in text and "\n" not in text, text
+
+
+def test_a_scanned_cifar_resnet_from_torchvision_layout_variables(tmp_path):
+    # resnet56's stages are scanned: its NNX variables are stacked, files keep one entry per block.
+    tmodel = randomised_cifar_model("resnet56")
+    variables = torch_to_flax(numpy_state_dict(tmodel))
+    model = rnnx.create_nnx_model("resnet56", variables=variables)
+    assert model.linen.num_classes == 10 and model.layer2_scan["conv1"]["kernel"].shape[0] == 8
+    model.eval()
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = tmodel.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    assert relative_error(forward(model, jnp.asarray(x)), want) <= 2e-6
+    save_variables(tmp_path / "r56.msgpack", rnnx.to_linen_variables(model))
+    assert "layer2_8" in load_variables(tmp_path / "r56.msgpack")["params"]
