@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.training.steps import Batch, eval_step, train_step
+from resnet_jax.training.steps import Batch, StepOptions, eval_step, train_step
 
 __all__ = ["DataParallel", "init_distributed"]
 
@@ -85,11 +85,12 @@ class DataParallel:
         while queue:
             yield queue.popleft()
 
-    def jit_train_step(self, label_smoothing: float = 0.0) -> Callable:
-        """`train_step` compiled for the mesh, the state's buffers donated to the new state."""
+    def jit_train_step(self, options: StepOptions | None = None) -> Callable:
+        """`train_step` with `options` (default: none) compiled for the mesh, the state's buffers
+        donated to the new state."""
         r = self.replicated
         return jax.jit(
-            partial(train_step, label_smoothing=label_smoothing),
+            partial(train_step, options=options or StepOptions()),
             in_shardings=(r, self.batch, r),
             out_shardings=(r, r),
             donate_argnums=0,

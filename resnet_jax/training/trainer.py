@@ -43,7 +43,7 @@ from resnet_jax.training.reporting import (
     write_confusion_matrix,
     write_metrics,
 )
-from resnet_jax.training.steps import TrainState, create_state, zero_totals
+from resnet_jax.training.steps import StepOptions, TrainState, create_state, zero_totals
 from resnet_jax.training.tensorboard import TensorBoard
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import save_variables
@@ -107,7 +107,8 @@ def train(config: TrainConfig) -> TrainResult:
         if len(history) >= config.epochs:
             done = len(history)
             print_once(f"{out} is already trained for {done} epochs; raise --epochs to go on.")
-        train_step, eval_step = dp.jit_train_step(config.label_smoothing), dp.jit_eval_step()
+        options = StepOptions(label_smoothing=config.label_smoothing)
+        train_step, eval_step = dp.jit_train_step(options), dp.jit_eval_step()
         compiled = False
         for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = time.perf_counter()

@@ -363,8 +363,8 @@ import train
 
 compile_step = DataParallel.jit_train_step
 
-def jit_poisoned_step(self, label_smoothing=0.0):
-    step = compile_step(self, label_smoothing)
+def jit_poisoned_step(self, options):
+    step = compile_step(self, options)
 
     def poisoned(state, batch, totals):
         if int(state.step) == 4:  # the second step of epoch 2 (3 steps per epoch)
