@@ -1,9 +1,11 @@
-"""Fixtures shared by folders of tests: a small torchvision model saved for predict.py."""
+"""Fixtures shared by folders of tests: a small torchvision model saved for predict.py, and a
+private JAX compilation cache for tests that run the programs in-process."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 import torch
 
@@ -30,3 +32,19 @@ def predict_setup(tmp_path_factory):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("not an image, ignored")
     return {"root": root, "model": model, "weights": weights, "images": images, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def private_compilation_cache(tmp_path_factory):
+    """The programs turn on JAX's persistent cache: keep it out of ~/.cache and other modules."""
+    names = [
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    ]
+    saved = {n: getattr(jax.config, n) for n in names}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESNET_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+    for name, value in saved.items():
+        jax.config.update(name, value)

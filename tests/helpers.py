@@ -219,3 +219,12 @@ def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
     image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
     image.save(path)
     return path
+
+
+def photo_like(width: int, height: int, seed: int, noise: float = 10.0) -> Image.Image:
+    """Smooth colour fields plus fine noise, like a downscaled photo."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float64)
+    pixels = smooth + rng.normal(0, noise, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

@@ -1,7 +1,8 @@
 """Sources (image folders or tfds) -> shuffled, sharded, prefetched uint8 batches.
 
-The order of an epoch and every random crop depend only on (seed, epoch, example index), never on
-the number of worker threads, so a run resumed at batch k sees exactly what it would have seen.
+The order of an epoch and every random crop depend only on (seed, epoch, example index, copy),
+never on the number of worker threads, so a run resumed at batch k sees exactly what it would
+have seen.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from resnet_jax.data.sources import Source, open_image_folder
-from resnet_jax.data.transforms import (
-    BadImage,
-    eval_size,
-    eval_transform_uint8,
-    random_resized_crop_flip,
-)
+from resnet_jax.data.train_transform import TrainTransform
+from resnet_jax.data.transforms import BadImage, eval_size, eval_transform_uint8
 from resnet_jax.runtime.errors import UserError
 
 __all__ = ["Loader", "default_workers", "open_datasets"]
@@ -74,7 +71,9 @@ class Loader:
 
     With `train=False` it makes the validation batches and `inference.Predictor`'s batches
     alike: `eval_transform_uint8(image, image_size, resize_size)`, normalised on the device by
-    `steps.eval_logits`. `on_skip` gets each unreadable image (default: a logged warning).
+    `steps.eval_logits`. With `train=True` each image goes through `transform` (default: the
+    ImageNet RandomResizedCrop + flip), `repeats` times per epoch (see `indices`). `on_skip`
+    gets each unreadable image (default: a logged warning).
     """
 
     def __init__(
@@ -91,6 +90,8 @@ class Loader:
         prefetch: int = 2,
         resize_size: int | None = None,
         on_skip: Callable[[BadImage], None] | None = None,
+        transform: TrainTransform | None = None,
+        repeats: int = 1,
     ) -> None:
         if batch_size < 1 or batch_size % process_count:
             raise UserError(
@@ -104,6 +105,8 @@ class Loader:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if repeats < 1 or (repeats > 1 and not train):
+            raise ValueError(f"repeats must be 1, or more for training, not {repeats}")
         self.source = source
         self.batch_size = batch_size  # global
         self.local_batch_size = batch_size // process_count
@@ -112,6 +115,9 @@ class Loader:
         self.seed = seed % 2**63  # numpy seeds must be non-negative
         self.workers = workers or default_workers()
         self.process_index = process_index
+        self.process_count = process_count
+        self.transform = TrainTransform() if transform is None else transform
+        self.repeats = repeats
         self.prefetch = max(1, prefetch)
         self.skipped = 0
         # The eval resize before the centre crop (default: in ImageNet's 256/224 proportion).
@@ -127,24 +133,45 @@ class Loader:
         """Example index of every row of the epoch, all processes: (batches, global batch); -1 pads.
 
         Train: a permutation from (seed, epoch), the partial last batch dropped. Eval: in order,
-        the last batch padded with -1.
+        the last batch padded with -1. With `repeats` k > 1, repeated augmentation as
+        torchvision's RASampler does it with one replica per process: each index of the
+        permutation k times in a row, dealt out in turn to processes 0, 1, ... (so the copies
+        of an image go to different processes when there are k or more), the epoch cut to its
+        usual length.
         """
-        n, size = len(self.source), len(self) * self.batch_size
-        if self.train:
-            order = np.random.default_rng((self.seed, epoch, _ORDER_STREAM)).permutation(n)[:size]
-        else:
-            order = np.concatenate([np.arange(n), np.full(size - n, -1)])
-        return order.reshape(len(self), self.batch_size)
+        return self._rows(epoch)[0]
+
+    def _rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(example index, copy number) of every row of the epoch, both shaped as `indices`."""
+        n, size, shape = len(self.source), len(self) * self.batch_size, (len(self), -1)
+        if not self.train:
+            order = np.concatenate([np.arange(n), np.full(size - n, -1)]).reshape(shape)
+            return order, np.zeros_like(order)
+        order = np.random.default_rng((self.seed, epoch, _ORDER_STREAM)).permutation(n)
+        k = self.repeats
+        index, copy = np.repeat(order, k)[:size], np.tile(np.arange(k), n)[:size]
+        if k > 1:
+            # Position q of each global batch goes to process q % P, as its row q // P.
+            dealt = (len(self), self.local_batch_size, self.process_count)
+            index = index.reshape(dealt).transpose(0, 2, 1)
+            copy = copy.reshape(dealt).transpose(0, 2, 1)
+        return index.reshape(shape), copy.reshape(shape)
+
+    def _augment_rng(self, epoch: int, index: int, copy: int) -> np.random.Generator:
+        """The Generator of one image's crop and augmentations; copy 0 keeps the original seeds."""
+        key = (self.seed, epoch, _AUGMENT_STREAM, index) + ((copy,) if copy else ())
+        return np.random.default_rng(key)
 
     def _fill(
-        self, out: dict[str, np.ndarray], row: int, index: int, epoch: int
+        self, out: dict[str, np.ndarray], row: int, index: int, copy: int, epoch: int
     ) -> BadImage | None:
-        """Decode and transform example `index` into `out[...][row]`; the error if it is bad."""
+        """Decode and transform copy `copy` of example `index` into `out[...][row]`; the error if
+        the image is bad."""
         try:
             image, label = self.source.example(int(index))
             if self.train:
-                rng = np.random.default_rng((self.seed, epoch, _AUGMENT_STREAM, int(index)))
-                out["image"][row] = random_resized_crop_flip(image, self.image_size, rng)
+                rng = self._augment_rng(epoch, int(index), int(copy))
+                out["image"][row] = self.transform(image, self.image_size, rng)
             else:
                 out["image"][row] = eval_transform_uint8(image, self.image_size, self.resize_size)
         except BadImage as e:
@@ -153,7 +180,7 @@ class Loader:
         return None
 
     def _submit(
-        self, pool: ThreadPoolExecutor, rows: np.ndarray, epoch: int
+        self, pool: ThreadPoolExecutor, rows: np.ndarray, copies: np.ndarray, epoch: int
     ) -> tuple[dict[str, np.ndarray], list[Future]]:
         b, size = self.local_batch_size, self.image_size
         out = {
@@ -161,7 +188,11 @@ class Loader:
             "label": np.zeros(b, np.int32),
             "mask": np.zeros(b, bool),
         }
-        futures = [pool.submit(self._fill, out, r, i, epoch) for r, i in enumerate(rows) if i >= 0]
+        futures = [
+            pool.submit(self._fill, out, r, i, c, epoch)
+            for r, (i, c) in enumerate(zip(rows, copies))
+            if i >= 0
+        ]
         return out, futures
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -173,7 +204,7 @@ class Loader:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         b, p = self.local_batch_size, self.process_index
-        rows = self.indices(epoch)[start:, p * b : (p + 1) * b]
+        rows, copies = (a[start:, p * b : (p + 1) * b] for a in self._rows(epoch))
         self.skipped = 0
         is_finalizing = sys.is_finalizing  # a local survives interpreter teardown; `sys` not
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="resnet_jax-data")
@@ -182,7 +213,8 @@ class Loader:
             for k in range(len(rows)):
                 # Keep `prefetch` batches queued behind the one being handed out.
                 while len(pending) <= self.prefetch and k + len(pending) < len(rows):
-                    pending.append(self._submit(pool, rows[k + len(pending)], epoch))
+                    j = k + len(pending)
+                    pending.append(self._submit(pool, rows[j], copies[j], epoch))
                 out, futures = pending.pop(0)
                 for future in futures:
                     if (error := future.result()) is not None:

@@ -18,9 +18,9 @@ from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageFolderSource", "Source", "check_val_fraction", "find_image_files",
-    "open_image_folder", "pick_val", "read_class_indices", "split_by_fraction", "val_count",
-    "write_class_indices",
+    "IMAGE_EXTENSIONS", "ImageFolderSource", "RelabelledSource", "Source", "check_val_fraction",
+    "find_image_files", "open_image_folder", "pick_val", "read_class_indices",
+    "read_image_folder", "split_by_fraction", "val_count", "write_class_indices",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -69,6 +69,32 @@ class ImageFolderSource(Source):
 
     def name(self, i: int) -> str:
         return self.samples[i][0]
+
+
+class RelabelledSource(Source):
+    """Another source's examples with each label `l` replaced by `labels[l]`, e.g. the data set's
+    class order mapped onto a model's."""
+
+    def __init__(self, source: Source, labels: Sequence[int], classes: list[str]) -> None:
+        self.source = source
+        self.labels = list(labels)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def label(self, i: int) -> int:
+        return self.labels[self.source.label(i)]
+
+    def load(self, i: int) -> Image.Image:
+        return self.source.load(i)
+
+    def name(self, i: int) -> str:
+        return self.source.name(i)
+
+    def example(self, i: int) -> tuple[Image.Image, int]:
+        image, label = self.source.example(i)
+        return image, self.labels[label]
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -193,6 +219,17 @@ def open_image_folder(
                 f"raise it or add ROOT/train and ROOT/val folders."
             )
     return ImageFolderSource(train, classes), ImageFolderSource(val, classes), classes
+
+
+def read_image_folder(folder: str | os.PathLike) -> ImageFolderSource:
+    """All images of FOLDER/<class>/, labelled by the sorted class folder names (no split)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"Data folder {folder} does not exist; pass a folder of class folders.")
+    classes = _class_dirs(folder)
+    if not classes:
+        raise UserError(f"{folder} has no class folders; lay it out as {folder}/<class>/*.jpg.")
+    return ImageFolderSource(_samples(_scan(folder, classes)), classes)
 
 
 def write_class_indices(path: str | os.PathLike, classes: Sequence[str]) -> None:

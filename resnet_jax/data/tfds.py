@@ -21,7 +21,7 @@ from resnet_jax.data.sources import Source, check_val_fraction
 from resnet_jax.data.transforms import BadImage
 from resnet_jax.runtime.errors import UserError
 
-__all__ = ["TfdsSource", "check_download", "open_tfds", "split_names"]
+__all__ = ["TfdsSource", "check_download", "open_tfds", "open_tfds_split", "split_names"]
 
 PROBE_TIMEOUT_S = 10.0
 _USE_FOLDER = "pass --data-dir with an ImageFolder instead"
@@ -183,10 +183,8 @@ def split_names(splits: Any, val_fraction: float) -> tuple[str, str]:
     return f"train[:-{percent}]", f"train[-{percent}:]"
 
 
-def open_tfds(
-    name: str, *, val_fraction: float = 0.1, data_dir: str | None = None, download: bool = True
-) -> tuple[TfdsSource, TfdsSource, list[str]]:
-    """(train, val, classes) of tfds dataset `name`, prepared as ArrayRecord in `data_dir`."""
+def _prepared_builder(name: str, data_dir: str | None, download: bool) -> tuple[Any, list[str]]:
+    """The tfds builder of `name`, prepared as ArrayRecord in `data_dir`, and its class names."""
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.DatasetNotFoundError:
@@ -207,7 +205,38 @@ def open_tfds(
             f"{builder.info.file_format.value}, which needs TensorFlow to read; "
             f"choose another tfds data folder to prepare it as ArrayRecord there."
         )
-    classes = list(label.names)
+    return builder, list(label.names)
+
+
+def open_tfds(
+    name: str, *, val_fraction: float = 0.1, data_dir: str | None = None, download: bool = True
+) -> tuple[TfdsSource, TfdsSource, list[str]]:
+    """(train, val, classes) of tfds dataset `name`, prepared as ArrayRecord in `data_dir`."""
+    builder, classes = _prepared_builder(name, data_dir, download)
     train, val = split_names(builder.info.splits, val_fraction)
     sources = [TfdsSource(builder.as_data_source(split=s), classes, s) for s in (train, val)]
     return sources[0], sources[1], classes
+
+
+def open_tfds_split(
+    name: str,
+    split: str | None = None,
+    *,
+    val_fraction: float = 0.1,
+    data_dir: str | None = None,
+    download: bool = True,
+) -> TfdsSource:
+    """One split of tfds dataset `name` (tfds syntax: 'validation', 'train[-10%:]'); by default
+    the one `open_tfds` validates on."""
+    builder, classes = _prepared_builder(name, data_dir, download)
+    splits = builder.info.splits
+    if split is None:
+        split = split_names(splits, val_fraction)[1]
+    try:
+        splits[split]  # tfds parses the spec here: its split names, slices and `+`
+    except (ValueError, KeyError, AssertionError):
+        raise UserError(
+            f"tfds dataset '{name}' has no split '{split}' (its splits: "
+            f"{', '.join(sorted(splits))}); pass one, or a slice such as 'train[-10%:]'."
+        ) from None
+    return TfdsSource(builder.as_data_source(split=split), classes, split)

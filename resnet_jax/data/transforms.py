@@ -164,13 +164,20 @@ def sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """torchvision's `F.resized_crop(image, i, j, h, w, [size, size], BILINEAR)` -> HWC uint8."""
+def resized_crop(
+    image: Image.Image,
+    box: tuple[int, int, int, int],
+    size: int,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> np.ndarray:
+    """torchvision's `F.resized_crop(image, i, j, h, w, [size, size], BILINEAR)` -> HWC uint8;
+    `resample` is the interpolation (torchvision's `InterpolationMode` on PIL images).
+    """
     i, j, h, w = box
     # Crop first, then resize: resizing with a `box` argument would blend in pixels outside it.
     crop = _rgb(image).crop((j, i, j + w, i + h))
     if crop.size != (size, size):
-        crop = crop.resize((size, size), Image.Resampling.BILINEAR)
+        crop = crop.resize((size, size), resample)
     return np.array(crop)
 
 
@@ -181,10 +188,11 @@ def random_resized_crop_flip(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = 0.5,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
 ) -> np.ndarray:
     """The ImageNet training augmentation: RandomResizedCrop + RandomHorizontalFlip -> HWC uint8."""
     box = sample_crop(image.height, image.width, rng, scale, ratio)
-    array = resized_crop(image, box, image_size)
+    array = resized_crop(image, box, image_size, resample)
     if rng.random() < flip_p:
         array = array[:, ::-1]
     return np.ascontiguousarray(array)

@@ -39,7 +39,10 @@ from resnet_jax.weights.io import read_metadata
 from resnet_jax.weights.metadata import ModelMetadata, check_metadata
 from resnet_jax.weights.torch_names import head_of, num_classes_of, resolve_arch
 
-__all__ = ["Prediction", "Predictor", "find_images", "imagenet_classes", "load_class_names"]
+__all__ = [
+    "Prediction", "Predictor", "find_images", "imagenet_classes", "imagenet_wnids",
+    "load_class_names",
+]  # fmt: skip
 
 PROGRESS_THRESHOLD = 100  # show a progress bar from this many images on
 
@@ -59,10 +62,19 @@ class Prediction:
         return [int(i) for i in order[:top_k]]
 
 
+def _package_lines(name: str) -> list[str]:
+    return resources.files("resnet_jax.data").joinpath(name).read_text("utf-8").splitlines()
+
+
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet class names in index order, as torchvision lists them."""
-    text = resources.files("resnet_jax.data").joinpath("imagenet_classes.txt").read_text("utf-8")
-    return text.splitlines()
+    return _package_lines("imagenet_classes.txt")
+
+
+def imagenet_wnids() -> list[str]:
+    """The WordNet ids of the same 1000 classes (`n01440764`, ...): ImageNet's folder names,
+    sorted, which is torchvision's class order."""
+    return _package_lines("imagenet_wnids.txt")
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -119,8 +131,10 @@ class Predictor:
         variables: dict,
         classes: Sequence[str],
         transform: EvalTransform = IMAGENET_EVAL,
+        arch: str | None = None,
     ) -> None:
         self.model = model
+        self.arch = arch  # the registry name, when known
         self.variables = jax.device_put(
             {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         )
@@ -176,7 +190,7 @@ class Predictor:
             classes = list(metadata.classes)
         else:
             classes = load_class_names(num_classes, weights, class_indices)
-        return cls(metadata.create_model(), variables, classes, transform)
+        return cls(metadata.create_model(), variables, classes, transform, arch)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Eval-transformed uint8 NHWC images (`transforms.eval_transform_uint8`) ->

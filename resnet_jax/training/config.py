@@ -19,7 +19,7 @@ from resnet_jax.models.resnet import HEADS
 from resnet_jax.runtime.errors import UserError, check_choice
 from resnet_jax.training.optim import FREEZE, OPTIMIZERS, SCHEDULES
 
-__all__ = ["DTYPES", "RUN_KEYS", "TrainConfig", "option", "resolve"]
+__all__ = ["DTYPES", "RUN_KEYS", "TrainConfig", "check_options", "option", "resolve"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -183,11 +183,17 @@ def _check(field: dataclasses.Field, value: Any) -> None:
         raise UserError(f"--{flag} {value} is not allowed; give a number of at least {minimum}.")
 
 
+def check_options(config: Any) -> None:
+    """UserError for the first field of the dataclass `config` (made with `option`) whose value
+    is not one of its choices, or a number below its minimum."""
+    for field in dataclasses.fields(config):
+        _check(field, getattr(config, field.name))
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Check every option that needs no data; fill in the defaults that depend on others."""
     create_model(config.arch)  # UserError for an unknown name
-    for field in dataclasses.fields(config):
-        _check(field, getattr(config, field.name))
+    check_options(config)
     if config.schedule == "cosine" and config.warmup_epochs >= config.epochs:
         raise UserError(
             f"--warmup-epochs {config.warmup_epochs} leaves no epoch for the cosine decay; "

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.training.steps import Batch, StepOptions, eval_step, train_step
 
@@ -96,7 +97,10 @@ class DataParallel:
             donate_argnums=0,
         )
 
-    def jit_eval_step(self) -> Callable:
-        """`eval_step` compiled for the mesh."""
+    def jit_eval_step(
+        self, transform: EvalTransform = IMAGENET_EVAL, flip: bool = False
+    ) -> Callable:
+        """`eval_step` compiled for the mesh (`transform`, `flip`: see `eval_step`)."""
         r = self.replicated
-        return jax.jit(eval_step, in_shardings=(r, self.batch, r), out_shardings=r)
+        step = partial(eval_step, transform=transform, flip=flip)
+        return jax.jit(step, in_shardings=(r, self.batch, r), out_shardings=r)

@@ -23,12 +23,14 @@ import optax
 from flax.training import train_state
 
 from resnet_jax.models.preprocess import eval_logits, normalize
+from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.training.batch_augment import BatchAugment, augment_batch, mixed_targets
 from resnet_jax.training.ema import EmaSchedule, maybe_update
 
 __all__ = [
     "Batch", "StepOptions", "Totals", "TrainState", "confusion_counts", "create_state",
-    "cross_entropy", "ema_state", "eval_step", "soft_cross_entropy", "train_step", "zero_totals",
+    "cross_entropy", "ema_state", "eval_step", "mean_softmax_log", "soft_cross_entropy",
+    "top_k_correct", "train_step", "zero_totals",
 ]  # fmt: skip
 
 Batch = dict[str, jax.Array]
@@ -70,9 +72,10 @@ def ema_state(state: TrainState) -> TrainState:
     return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
-def zero_totals(num_classes: int | None = None) -> Totals:
+def zero_totals(num_classes: int | None = None, top5: bool = False) -> Totals:
     """Running sums of one epoch, kept on the device: summed loss, correct predictions, examples;
-    with `num_classes`, also a confusion matrix (`eval_step` fills it)."""
+    with `num_classes`, also a confusion matrix, and with `top5` the top-5 hits (`eval_step`
+    fills both)."""
     totals = {
         "loss": jnp.zeros((), jnp.float32),
         "correct": jnp.zeros((), jnp.float32),
@@ -80,6 +83,8 @@ def zero_totals(num_classes: int | None = None) -> Totals:
     }
     if num_classes is not None:
         totals["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32)
+    if top5:
+        totals["top5"] = jnp.zeros((), jnp.float32)
     return totals
 
 
@@ -174,12 +179,39 @@ def confusion_counts(
     return rows.T @ jax.nn.one_hot(predictions, n, dtype=jnp.int32)
 
 
-def eval_step(state: TrainState, batch: Batch, totals: Totals) -> Totals:
+def top_k_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+    """How many rows with mask True have their label among the k highest logits (all of them
+    when there are fewer than k classes), as a float32 count."""
+    _, top = jax.lax.top_k(logits, min(k, logits.shape[-1]))
+    hit = jnp.any(top == labels[:, None], axis=-1) & mask
+    return jnp.sum(hit, dtype=jnp.float32)
+
+
+def mean_softmax_log(a: jax.Array, b: jax.Array) -> jax.Array:
+    """log((softmax(a) + softmax(b)) / 2): the log-probabilities of two views averaged, finite
+    even where a probability underflows; they stand in for logits (softmax gives the mean back)."""
+    both = jnp.stack([jax.nn.log_softmax(a), jax.nn.log_softmax(b)])
+    return jax.nn.logsumexp(both, axis=0) - jnp.log(2.0)
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    totals: Totals,
+    transform: EvalTransform = IMAGENET_EVAL,
+    flip: bool = False,
+) -> Totals:
     """Add a batch's plain cross-entropy and correct predictions to the running totals (and its
-    counts to the confusion matrix, when `totals` has one)."""
+    counts to the confusion matrix and top-5 hits, when `totals` has them). `transform` gives the
+    normalisation; `flip`: score the mean softmax of each image and its mirror image."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = eval_logits(state.apply_fn, variables, batch["image"])
+    logits = eval_logits(state.apply_fn, variables, batch["image"], transform)
+    if flip:
+        mirrored = eval_logits(state.apply_fn, variables, batch["image"][:, :, ::-1], transform)
+        logits = mean_softmax_log(logits, mirrored)
     new = _accumulate(totals, cross_entropy(logits, batch["label"]), logits, batch)
+    if "top5" in totals:
+        new["top5"] = totals["top5"] + top_k_correct(logits, batch["label"], batch["mask"], 5)
     if "confusion" in totals:
         n = totals["confusion"].shape[0]
         counts = confusion_counts(batch["label"], jnp.argmax(logits, -1), batch["mask"], n)

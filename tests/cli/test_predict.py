@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -36,22 +35,7 @@ def _load_predict_script():
 
 
 predict_script = _load_predict_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_compilation_cache(tmp_path_factory):
-    """predict_cli turns on JAX's persistent cache: keep it out of ~/.cache and this module."""
-    names = [
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    ]
-    saved = {n: getattr(jax.config, n) for n in names}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESNET_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures("private_compilation_cache")  # predict_cli turns it on
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
+from torchvision import transforms as tv
 
 from resnet_jax.data import sources
 from resnet_jax.data.loader import Loader, open_datasets
-from resnet_jax.data.transforms import eval_transform_uint8
+from resnet_jax.data.train_transform import TrainTransform
+from resnet_jax.data.transforms import eval_transform_uint8, random_resized_crop_flip
 from resnet_jax.runtime.errors import UserError
-from tests.helpers import batches, make_folder
+from tests.helpers import batches, make_folder, photo_like
 
 
 def assert_same(a: list[dict], b: list[dict]) -> None:
@@ -171,3 +174,126 @@ def test_exiting_mid_epoch_neither_hangs_nor_prints(tmp_path):
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and result.stderr == ""
+
+
+def test_default_train_transform_is_the_imagenet_crop_and_flip(folder):
+    """The crops of each (seed, epoch, index) are those the Loader has always made."""
+    train, _, _ = folder
+    loader = Loader(train, 4, train=True, image_size=16, seed=3, workers=2)
+    for epoch in (0, 1):
+        images = np.concatenate([b["image"] for b in batches(loader, epoch)])
+        for row, i in enumerate(loader.indices(epoch).ravel()):
+            rng = np.random.default_rng((3, epoch, 2, i))
+            want = random_resized_crop_flip(train.load(i), 16, rng)
+            np.testing.assert_array_equal(images[row], want)
+
+
+def test_the_train_transform_is_applied_per_image(folder):
+    train, _, _ = folder
+    transform = TrainTransform(crop="pad_crop", auto_augment="ta_wide")
+    loader = Loader(train, 4, train=True, image_size=16, seed=3, workers=2, transform=transform)
+    images = np.concatenate([b["image"] for b in batches(loader, 1)])
+    for row, i in enumerate(loader.indices(1).ravel()):
+        want = transform(train.load(i), 16, np.random.default_rng((3, 1, 2, i)))
+        np.testing.assert_array_equal(images[row], want)
+
+
+def ra_sampler(order: list[int], replicas: int, rank: int, reps: int, selected: int) -> list[int]:
+    """torchvision's RASampler.__iter__ from its shuffled `order` on: each index `reps` times in
+    a row, wrapped round to a multiple of `replicas`, every `replicas`-th from `rank`, the first
+    `selected` (RASampler's own length rounds the dataset down to a multiple of 256)."""
+    indices = [i for i in order for _ in range(reps)]
+    total = math.ceil(len(order) * reps / replicas) * replicas
+    indices += indices[: total - len(indices)]
+    return indices[rank:total:replicas][:selected]
+
+
+@pytest.mark.parametrize("processes, reps", [(1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (6, 2)])
+def test_repeated_augmentation_deals_out_like_torchvisions_ra_sampler(folder, processes, reps):
+    train, _, _ = folder
+    batch = 6
+    plain = Loader(train, batch, train=True, seed=4).indices(2).ravel().tolist()
+    order = plain + sorted(set(range(len(train))) - set(plain))  # the permutation of all 12
+    b = batch // processes
+    for p in range(processes):
+        loader = Loader(
+            train, batch, train=True, seed=4, process_index=p, process_count=processes, repeats=reps
+        )
+        assert len(loader) == 2  # the epoch keeps its length
+        mine = loader.indices(2)[:, p * b : (p + 1) * b].ravel().tolist()
+        assert mine == ra_sampler(order, processes, p, reps, len(loader) * b)
+    # Each image's copies sit on different processes while there are enough of them.
+    owners: dict[int, list[int]] = {}
+    for row in loader.indices(2):
+        for column, i in enumerate(row):
+            owners.setdefault(int(i), []).append(column // b)
+    assert all(len(set(o)) == min(len(o), processes) for o in owners.values())
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_repeated_copies_get_their_own_augmentations(folder, processes):
+    train, _, _ = folder
+    common = {"train": True, "image_size": 16, "seed": 2, "repeats": 3, "process_count": processes}
+    parts = [
+        batches(Loader(train, 6, workers=2, process_index=p, **common)) for p in range(processes)
+    ]
+    rows = Loader(train, 6, **common).indices(0).ravel()
+    if processes == 1:
+        assert rows.tolist() == np.repeat(rows[::3], 3).tolist()  # copies side by side
+    out = [{k: np.concatenate([part[b][k] for part in parts]) for k in parts[0][b]} for b in (0, 1)]
+    images = np.concatenate([b["image"] for b in out])
+    assert np.concatenate([b["label"] for b in out]).tolist() == [train.label(i) for i in rows]
+    for i in set(rows.tolist()):
+        copies = images[rows == i]
+        assert len(copies) > 1 and len({c.tobytes() for c in copies}) == len(copies)
+        # One copy is the image repeats=1 would have made.
+        want = random_resized_crop_flip(train.load(i), 16, np.random.default_rng((2, 0, 2, i)))
+        assert any(np.array_equal(c, want) for c in copies)
+
+
+def test_repeated_augmentation_resumes_exactly_and_ignores_worker_count(folder):
+    train, _, _ = folder
+    one = Loader(train, 4, train=True, image_size=16, seed=1, workers=1, repeats=2, prefetch=1)
+    three = Loader(train, 4, train=True, image_size=16, seed=1, workers=3, repeats=2)
+    full = batches(one, epoch=3)
+    assert len(full) == 3
+    assert_same(batches(three, epoch=3), full)
+    assert_same(batches(three, epoch=3, start=1), full[1:])
+
+
+def test_repeats_must_be_positive_and_for_training(folder):
+    train, val, _ = folder
+    with pytest.raises(ValueError, match="repeats must be 1, or more for training, not 0"):
+        Loader(train, 4, train=True, repeats=0)
+    with pytest.raises(ValueError, match="not 2"):
+        Loader(val, 4, train=False, repeats=2)
+
+
+def test_cifar_eval_at_32_pixels_is_the_identity(tmp_path):
+    """Eval without resize or crop: `resize_size=32` with image size 32 leaves 32x32 images as they are."""
+    for i in range(5):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        photo_like(32, 32, seed=i).save(tmp_path / "a" / f"{i}.png")
+    source = sources.ImageFolderSource(
+        [(str(tmp_path / "a" / f"{i}.png"), 0) for i in range(5)], ["a"]
+    )
+    for i in range(5):
+        image = source.load(i)
+        np.testing.assert_array_equal(eval_transform_uint8(image, 32, 32), np.asarray(image))
+    loader = Loader(source, 2, train=False, image_size=32, resize_size=32, workers=2)
+    images = np.concatenate([b["image"] for b in batches(loader)])[:5]
+    np.testing.assert_array_equal(images, np.stack([np.asarray(source.load(i)) for i in range(5)]))
+    # Without resize_size the eval resize is ImageNet's 256/224 proportion: 37, not the identity.
+    assert Loader(source, 2, train=False, image_size=32).resize_size == 37
+
+
+def test_separate_train_crop_and_eval_resize_and_crop(folder):
+    """torchvision's V2 recipe: --train-crop 176, --eval-resize 232, --eval-crop 224."""
+    train, val, _ = folder
+    out = batches(Loader(train, 4, train=True, image_size=176, workers=2))
+    assert out[0]["image"].shape == (4, 176, 176, 3)
+    loader = Loader(val, 4, train=False, image_size=224, resize_size=232, workers=2)
+    images = np.concatenate([b["image"] for b in batches(loader)])
+    reference = tv.Compose([tv.Resize(232), tv.CenterCrop(224)])
+    for i in range(len(val)):
+        np.testing.assert_array_equal(images[i], np.asarray(reference(val.load(i))))

@@ -249,3 +249,26 @@ def test_mixing_draws_from_the_seed_and_the_step():
     later = sgd_state(model, variables).replace(step=1)  # step 1 draws another mix
     _, totals_1 = step(later, batch, steps.zero_totals(), options)
     assert float(totals_1["loss"]) != pytest.approx(float(totals["loss"]), rel=1e-5)
+
+
+def test_top_k_hits_and_the_mean_of_two_softmaxes_match_torch():
+    rng = np.random.default_rng(2)
+    logits, mirrored = (3 * rng.normal(size=(6, 7)).astype(np.float32) for _ in range(2))
+    labels = rng.integers(0, 7, 6).astype(np.int32)
+    mask = np.array([True] * 5 + [False])
+    top5 = torch.tensor(logits).topk(5).indices == torch.tensor(labels)[:, None]
+    assert 0 < int(top5.any(1)[:5].sum()) < 5
+    assert float(steps.top_k_correct(logits, labels, mask, 5)) == int(top5.any(1)[:5].sum())
+    # Fewer classes than k: every real row is a hit.
+    assert float(steps.top_k_correct(logits[:, :3], labels % 3, mask, 5)) == 5
+
+    mean = (torch.softmax(torch.tensor(logits), 1) + torch.softmax(torch.tensor(mirrored), 1)) / 2
+    log_mean = steps.mean_softmax_log(logits, mirrored)
+    np.testing.assert_allclose(jax.nn.softmax(log_mean), mean.numpy(), rtol=1e-6)
+    want = -np.log(mean.numpy()[np.arange(6), labels])
+    np.testing.assert_allclose(steps.cross_entropy(log_mean, labels), want, rtol=1e-5)
+    # Probabilities that underflow in one view stay finite: the loss has no 0 * -inf.
+    extreme = np.array([[200.0, -200.0]], np.float32)
+    log_mean = steps.mean_softmax_log(extreme, extreme[:, ::-1])
+    np.testing.assert_allclose(np.exp(log_mean), [[0.5, 0.5]], rtol=1e-6)
+    assert np.isfinite(steps.cross_entropy(log_mean, np.array([1]))).all()
