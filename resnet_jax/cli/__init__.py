@@ -33,7 +33,7 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
         meta = field.metadata
         flag = "--" + field.name.replace("_", "-")
         help_text = meta["help"]
-        if field.default not in (None, False, ()):
+        if field.default is not None and field.default is not False and field.default != ():
             help_text += " (default: %(default)s)"
         kind = _flag_type(hints[field.name])
         if kind is bool:
