@@ -58,12 +58,20 @@ class DataParallel:
     def size(self) -> int:
         return self.mesh.size
 
-    def check_batch_size(self, batch_size: int) -> None:
-        """A UserError unless the global batch splits evenly over devices and processes."""
+    def check_batch_size(self, batch_size: int, accumulate_steps: int = 1) -> None:
+        """A UserError unless the global batch splits evenly over devices and processes, and
+        each device's rows into `accumulate_steps` micro-batches."""
         if batch_size % self.size:
             raise UserError(
                 f"--batch-size {batch_size} is not divisible by the {self.size} devices; "
                 f"use a multiple of {self.size}."
+            )
+        if batch_size % (self.size * accumulate_steps):
+            unit = self.size * accumulate_steps
+            raise UserError(
+                f"--batch-size {batch_size} does not split into --accumulate-steps "
+                f"{accumulate_steps} micro-batches on each of the {self.size} devices; use a "
+                f"multiple of {unit}."
             )
 
     def replicate(self, tree: Any) -> Any:
