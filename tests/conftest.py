@@ -1,5 +1,5 @@
 """Fixtures shared by folders of tests: a small torchvision model saved for predict.py, and a
-private JAX compilation cache for tests that run the programs in-process."""
+private compilation cache for tests that run a command in this process."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def predict_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def private_compilation_cache(tmp_path_factory):
-    """The programs turn on JAX's persistent cache: keep it out of ~/.cache and other modules."""
+    """The commands turn JAX's persistent cache on: keep it out of ~/.cache, and off once the
+    module is done."""
     names = [
         "jax_compilation_cache_dir",
         "jax_persistent_cache_min_compile_time_secs",

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from resnet_jax.runtime.files import atomic_write
+from resnet_jax.training.confusion import confusion_png
 
 __all__ = [
-    "epoch_line", "print_once", "progress_bar", "write_confusion_matrix", "write_curves",
-    "write_metrics",
+    "draw_confusion", "epoch_line", "print_once", "progress_bar", "write_confusion_matrix",
+    "write_curves", "write_metrics",
 ]  # fmt: skip
 
 
@@ -90,6 +92,15 @@ def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
         ax.legend()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
+
+
+def draw_confusion(confusion: dict, classes: list[str], arch: str) -> bytes | None:
+    """An epoch's confusion matrix (`{"epoch", "matrix"}`) as PNG bytes on process 0, the one
+    that writes it; None elsewhere, or without matplotlib."""
+    if jax.process_index() != 0:
+        return None
+    title = f"{arch}, epoch {confusion['epoch']}, validation"
+    return confusion_png(np.asarray(confusion["matrix"]), classes, title)
 
 
 def write_confusion_matrix(output_dir: Path, png: bytes | None) -> None:

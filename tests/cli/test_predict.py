@@ -35,7 +35,8 @@ def _load_predict_script():
 
 
 predict_script = _load_predict_script()
-pytestmark = pytest.mark.usefixtures("private_compilation_cache")  # predict_cli turns it on
+# predict_cli turns on JAX's persistent cache: keep it out of ~/.cache and this module.
+pytestmark = pytest.mark.usefixtures("private_compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import traverse_util
-from PIL import Image
 
 from resnet_jax.data.sources import read_class_indices
 from resnet_jax.models.factory import create_model
 from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import load_variables, read_metadata
-from tests.helpers import tensorboard_series
+from tests.helpers import make_train_val_folder, tensorboard_series
 
 pytestmark = pytest.mark.slow  # every test runs train.py in subprocesses
 
@@ -36,21 +35,6 @@ TINY = {"arch": "resnet18", "weights": "none", "image_size": 48, "batch_size": 6
         "optimizer": "sgd", "lr": 1e-3, "log_every": 2}  # fmt: skip
 STEPS = 3  # per epoch: 18 training images in batches of 6
 TINY_ARGS = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def make_image_folder(root: Path, classes: int = 3, train: int = 6, val: int = 2) -> Path:
-    """root/train/<class>/*.jpg and root/val/<class>/*.jpg: noise with one bright channel per
-    class, so the classes can be learnt in a few steps."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 60, (44, 40, 3)).astype(np.uint8)
-                pixels[..., c % 3] += 150
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
 
 
 def train_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
@@ -87,7 +71,7 @@ LOSSES = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("flowers"))
+    return make_train_val_folder(tmp_path_factory.mktemp("flowers"))
 
 
 @pytest.fixture(scope="module")
@@ -213,31 +197,71 @@ def test_predict_repeats_the_best_validation_exactly(reference, data, env):
     assert metadata.classes == ("class0", "class1", "class2")
 
 
-@pytest.mark.parametrize("moment", ["during the first checkpoint write", "in epoch 2"])
+STOP = """
+import sys, threading
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+from resnet_jax.training.checkpoint import Checkpoints
+from resnet_jax.training.parallel import DataParallel
+import train
+
+def wait_for_the_kill():
+    print("stopped", flush=True)
+    threading.Event().wait()
+
+if sys.argv.pop(1) == "write":  # the first checkpoint write, its folder still a temporary one
+    save_json = JsonCheckpointHandler._save_fn
+
+    async def save_json_and_stop(self, x, directory):
+        await save_json(self, x, directory)
+        wait_for_the_kill()
+
+    JsonCheckpointHandler._save_fn = save_json_and_stop
+else:  # the second step of epoch 2, the checkpoint and metrics of epoch 1 complete on disk
+    save, compile_step = Checkpoints.save, DataParallel.jit_train_step
+
+    def save_and_wait(self, *args):
+        save(self, *args)
+        self.wait()
+
+    def jit_stopping_step(self, label_smoothing=0.0):
+        step = compile_step(self, label_smoothing)
+
+        def stopping(state, batch, totals):
+            if int(state.step) == 4:
+                wait_for_the_kill()
+            return step(state, batch, totals)
+
+        return stopping
+
+    Checkpoints.save, DataParallel.jit_train_step = save_and_wait, jit_stopping_step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("moment", ["write", "epoch 2"])
 def test_kill_9_then_resume(reference, data, env, tmp_path, moment):
+    """Killed during the first checkpoint write or in epoch 2 (the run says when it got there,
+    on stdout), a resumed run ends as the uninterrupted one."""
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", STOP, moment, *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    ckpts = tmp_path / "checkpoints"
-
-    def ready() -> bool:
-        names = os.listdir(ckpts) if ckpts.is_dir() else []
-        if moment.startswith("during"):
-            return any(".orbax-checkpoint-tmp" in n for n in names)
-        return "1" in names and (tmp_path / "metrics.jsonl").exists()
-
-    deadline = time.monotonic() + 240
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert proc.poll() is None, "the run ended before the moment to kill it"
+    guard = threading.Timer(240, proc.kill)  # a run that never gets there fails, not hangs
+    guard.start()
+    stopped = any(line == "stopped\n" for line in proc.stdout)  # or the end of the output
+    guard.cancel()
+    assert stopped and proc.poll() is None, "the run ended before the moment to kill it"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
+    ckpts = tmp_path / "checkpoints"
+    if moment == "write":
+        assert [n for n in os.listdir(ckpts) if "tmp" in n]
 
     resumed = run_train([*args, "--resume"], env)
     assert resumed.returncode == 0, resumed.stderr
-    if moment == "in epoch 2":
+    if moment == "epoch 2":
         assert "Resuming" in resumed.stdout and "[epoch 1]" not in resumed.stdout
     # Same data order, same state, same programs: the metrics of an uninterrupted run.
     assert losses(tmp_path) == losses(reference[0])

@@ -1,0 +1,242 @@
+"""trainer.train in this process on a tiny image folder, and its parts: the output folder's
+policy (run_folder), the option check of --resume (resume), one epoch (loop)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax.runtime.errors import UserError
+from resnet_jax.training.checkpoint import Checkpoints
+from resnet_jax.training.config import RUN_KEYS, TrainConfig, resolve
+from resnet_jax.training.loop import EpochLoop, evaluate, train_epoch
+from resnet_jax.training.parallel import DataParallel
+from resnet_jax.training.resume import changed_options
+from resnet_jax.training.run_folder import (
+    OUTPUTS,
+    improved,
+    outputs_to_replace,
+    prepare_folder,
+)
+from resnet_jax.training.tensorboard import TensorBoard
+from resnet_jax.training.trainer import train
+from resnet_jax.weights.io import load_variables, read_metadata
+from tests.helpers import flat, make_train_val_folder
+
+pytestmark = pytest.mark.usefixtures("private_compilation_cache")
+
+# 2 steps of 4 images at 32 px per epoch, one validation batch: seconds on a shared CPU.
+TINY = TrainConfig(arch="resnet18", weights="none", image_size=32, batch_size=4, workers=1,
+                   optimizer="sgd", lr=1e-3, log_every=1)  # fmt: skip
+TIMES = ("seconds", "images_per_second", "first_step_seconds")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_train_val_folder(tmp_path_factory.mktemp("data"), classes=2, train=4, val=2)
+
+
+def run(data, out, **changes) -> object:
+    return train(dataclasses.replace(TINY, data_dir=str(data), output_dir=str(out), **changes))
+
+
+@pytest.fixture(scope="module")
+def two_epochs(data, tmp_path_factory):
+    return run(data, tmp_path_factory.mktemp("run"), epochs=2)
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMES} for record in history]
+
+
+def test_train_returns_what_it_wrote(two_epochs):
+    out, history = two_epochs.output_dir, two_epochs.history
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == history
+    assert [h["epoch"] for h in history] == [1, 2] and int(two_epochs.state.step) == 4
+    assert set(history[0]["val_class_accuracy"]) == {"class0", "class1"}
+    ckpts = Checkpoints(out / "checkpoints")
+    try:
+        assert ckpts.latest_epoch() == 2 and ckpts.meta()["history"] == history
+    finally:
+        ckpts.close()
+    assert read_metadata(out / "best.msgpack").classes == ("class0", "class1")
+    best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+    final = flat({"params": two_epochs.state.params, "batch_stats": two_epochs.state.batch_stats})
+    same = [
+        np.array_equal(v, final[k]) for k, v in flat(load_variables(out / "best.msgpack")).items()
+    ]
+    assert all(same) == (best == 2)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(two_epochs, data, tmp_path):
+    first = run(data, tmp_path, epochs=1)
+    resumed = run(data, tmp_path, epochs=2, resume=True)
+    assert without_times(resumed.history) == without_times(two_epochs.history)
+    assert resumed.history[0] == first.history[0]
+    got, want = (
+        jax.device_get((r.state.params, r.state.batch_stats, r.state.opt_state))
+        for r in (resumed, two_epochs)
+    )
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_finished_run_trains_no_further(two_epochs, data, capsys):
+    again = run(data, two_epochs.output_dir, epochs=2, resume=True)
+    assert again.history == two_epochs.history
+    assert "is already trained for 2 epochs" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# run_folder: whose outputs a run may replace
+
+
+def test_outputs_to_replace(tmp_path):
+    config = dataclasses.replace(TINY, output_dir=str(tmp_path))
+    assert outputs_to_replace(tmp_path / "new", config) == []
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("")  # not an output: never a reason to refuse
+    with pytest.raises(UserError, match=r"holds a run \(metrics.jsonl\); pass --overwrite"):
+        outputs_to_replace(tmp_path, config)
+    with pytest.raises(UserError, match="pass --overwrite"):  # nothing to resume from
+        outputs_to_replace(tmp_path, dataclasses.replace(config, resume=True))
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    with pytest.raises(UserError, match="pass --resume to continue it, --overwrite"):
+        outputs_to_replace(tmp_path, config)
+    assert outputs_to_replace(tmp_path, dataclasses.replace(config, resume=True)) == []
+    overwrite = dataclasses.replace(config, overwrite=True)
+    assert outputs_to_replace(tmp_path, overwrite) == ["checkpoints", "metrics.jsonl"]
+    with pytest.raises(UserError, match="is a file; choose a folder"):
+        outputs_to_replace(tmp_path / "notes.txt", config)
+
+
+def test_prepare_folder_deletes_only_what_it_replaces(tmp_path):
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / ".best.msgpack.k2j4_x9a.tmp").write_bytes(b"half")  # a write killed midway
+    prepare_folder(tmp_path, ["checkpoints", "metrics.jsonl"])
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    prepare_folder(tmp_path / "new", [])
+    assert (tmp_path / "new").is_dir()
+
+
+def test_improved_keeps_the_first_of_equals():
+    history = [{"val_accuracy": a} for a in (0.5, 0.75)]
+    assert improved(history[:1]) and improved(history)
+    assert not improved([*history, {"val_accuracy": 0.75}])
+    assert not improved([*history, {"val_accuracy": None}])
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: the options a run must keep
+
+
+def saved_config(config: TrainConfig, *leave_out: str) -> dict:
+    """A checkpoint's `config` record of a run with `config`, saved before `leave_out` existed."""
+    keys = [*RUN_KEYS, "epochs"]
+    return {k: getattr(config, k) for k in keys if k not in leave_out}
+
+
+def test_changed_options_names_each_change():
+    config = resolve(dataclasses.replace(TINY, epochs=3))
+    saved = saved_config(config)
+    assert changed_options(config, saved) == []
+    assert changed_options(dataclasses.replace(config, lr=0.5), saved) == ["--lr 0.001 (now 0.5)"]
+    assert changed_options(dataclasses.replace(config, epochs=5), saved) == []
+    cosine = dataclasses.replace(config, schedule="cosine")
+    assert changed_options(dataclasses.replace(cosine, epochs=5), saved_config(cosine)) == [
+        "--epochs 3 (now 5; it sets the cosine schedule)"
+    ]
+
+
+def test_changed_options_take_defaults_for_options_newer_than_the_run():
+    config = resolve(TINY)
+    saved = saved_config(config, "head")
+    assert changed_options(config, saved) == []
+    append = dataclasses.replace(config, head="append")
+    assert changed_options(append, saved) == ["--head replace (now append)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# loop: one epoch, with steps that count instead of training
+
+DP = DataParallel()
+
+
+def counting_step(losses):
+    """A train step whose loss is `losses[state]`, one correct answer of two per step."""
+
+    def step(state, batch, totals):
+        new = {"loss": totals["loss"] + 2 * losses[state], "correct": totals["correct"] + 1,
+               "count": totals["count"] + 2}  # fmt: skip
+        return state + 1, new
+
+    return step
+
+
+def test_train_epoch_means_and_logs_every_step():
+    logged = []
+    state, metrics, compile_s, seconds = train_epoch(
+        counting_step([1.0, 2.0, 3.0]), 0, iter(range(3)), 3, DP, "train",
+        skip_first=True, log=lambda done, totals: logged.append((done, float(totals["count"]))),
+    )  # fmt: skip
+    assert state == 3 and metrics == {"loss": 2.0, "accuracy": 0.5}
+    assert compile_s > 0 and seconds > 0
+    assert logged == [(0, 0.0), (1, 2.0), (2, 4.0), (3, 6.0)]
+
+
+def test_train_epoch_stops_at_a_nan_loss():
+    steps = 5
+    state, metrics, _, _ = train_epoch(
+        counting_step([np.nan] * steps), 0, iter(range(steps)), steps, DP, "train",
+        skip_first=False, log=lambda done, totals: None,
+    )  # fmt: skip
+    assert np.isnan(metrics["loss"]) and state < steps
+
+
+def test_evaluate_counts_the_confusion_matrix():
+    def step(state, batch, totals):
+        counts = jnp.zeros_like(totals["confusion"]).at[batch].add(1)
+        return {"loss": totals["loss"] + 1, "correct": totals["correct"] + (batch[0] == batch[1]),
+                "count": totals["count"] + 1, "confusion": totals["confusion"] + counts}  # fmt: skip
+
+    pairs = [(0, 0), (1, 0), (1, 1), (1, 1)]
+    result = evaluate(step, None, iter(pairs), len(pairs), 2, DP, "val")
+    assert (result["loss"], result["accuracy"]) == (1.0, 0.75)
+    np.testing.assert_array_equal(result["confusion"], [[1, 0], [1, 2]])
+
+
+def fake_loop(losses, synthetic=0):
+    """An EpochLoop over 2 training steps, its steps replaced by counting ones."""
+    config = dataclasses.replace(TINY, epochs=3, synthetic=synthetic)
+    data = SimpleNamespace(steps=2, val_steps=0, train=lambda epoch: iter(range(2)))
+    loop = EpochLoop(config, data, DP, TensorBoard(None, 1, lambda step: 0.0))
+    loop.train_step = counting_step(losses)
+    return loop
+
+
+def test_epoch_loop_records_the_epoch():
+    state, record, confusion = fake_loop([1.0, 3.0]).run(0, epoch=1)
+    assert state == 2 and confusion is None
+    assert (record["epoch"], record["train_loss"], record["train_accuracy"]) == (1, 2.0, 0.5)
+    assert record["val_accuracy"] is None and record["first_step_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "epoch, synthetic, kept",
+    [(1, 0, "no checkpoint was written"), (2, 0, "the checkpoint of epoch 1 is kept"),
+     (2, 3, "no checkpoint was written")],
+)  # fmt: skip
+def test_a_nan_loss_is_one_user_error(epoch, synthetic, kept):
+    with pytest.raises(
+        UserError, match=f"loss became nan in epoch {epoch}, .*; {kept}. Lower --lr"
+    ):
+        fake_loop([np.nan, np.nan], synthetic).run(0, epoch=epoch)
