@@ -24,6 +24,8 @@ from resnet_jax.training.run_folder import (
     outputs_to_replace,
     prepare_folder,
 )
+from resnet_jax.training.run_setup import Length
+from resnet_jax.training.steps import StepOptions
 from resnet_jax.training.tensorboard import TensorBoard
 from resnet_jax.training.trainer import train
 from resnet_jax.weights.io import load_variables, read_metadata
@@ -217,8 +219,9 @@ def test_evaluate_counts_the_confusion_matrix():
 def fake_loop(losses, synthetic=0):
     """An EpochLoop over 2 training steps, its steps replaced by counting ones."""
     config = dataclasses.replace(TINY, epochs=3, synthetic=synthetic)
-    data = SimpleNamespace(steps=2, val_steps=0, train=lambda epoch: iter(range(2)))
-    loop = EpochLoop(config, data, DP, TensorBoard(None, 1, lambda step: 0.0))
+    data = SimpleNamespace(steps=2, val_steps=0, train=lambda epoch, steps: iter(range(steps)))
+    tb, length = TensorBoard(None, 1, lambda step: 0.0), Length(3, 2, 6, 0)
+    loop = EpochLoop(config, data, DP, tb, length, StepOptions())
     loop.train_step = counting_step(losses)
     return loop
 
