@@ -50,6 +50,11 @@ def option(
     return dataclasses.field(default=default, metadata={**metadata, "argparse": argparse})
 
 
+def _described(registry: Mapping[str, str]) -> str:
+    """`name: what it is; ...` for a flag's help."""
+    return "; ".join(f"{name}: {text}" for name, text in registry.items())
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every option of a training run; `train.py`'s flags map one to one onto these fields."""
@@ -98,7 +103,7 @@ class TrainConfig:
     recipe: str | None = option(
         None,
         "a published recipe's values for the flags below (flags given explicitly win): "
-        + "; ".join(f"{name}: {r.title}" for name, r in RECIPES.items()),
+        + _described({name: r.title for name, r in RECIPES.items()}),
         choices=RECIPES,
     )
     optimizer: str = option(
@@ -127,8 +132,7 @@ class TrainConfig:
     )
     schedule: str = option(
         "constant",
-        "learning rate after the warm-up: "
-        + "; ".join(f"{name}: {text}" for name, text in SCHEDULES.items()),
+        "learning rate after the warm-up: " + _described(SCHEDULES),
         choices=SCHEDULES,
         defines_run=True,
     )
@@ -153,7 +157,7 @@ class TrainConfig:
         0, "warm-up over this many optimizer steps instead", minimum=0, defines_run=True
     )
     warmup_method: str = option(
-        "linear", "; ".join(f"{k}: {v}" for k, v in WARMUPS.items()), choices=WARMUPS,
+        "linear", _described(WARMUPS), choices=WARMUPS,
         defines_run=True,
     )  # fmt: skip
     warmup_factor: float = option(
@@ -210,7 +214,7 @@ class TrainConfig:
         "epochs (its recipes give 0.99998 this way)", defines_run=True,
     )  # fmt: skip
     model_ema_warmup: str = option(
-        "none", "; ".join(f"{k}: {v}" for k, v in EMA_WARMUPS.items()), choices=EMA_WARMUPS,
+        "none", _described(EMA_WARMUPS), choices=EMA_WARMUPS,
         defines_run=True,
     )  # fmt: skip
     batch_size: int = option(
