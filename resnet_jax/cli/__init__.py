@@ -34,7 +34,7 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
         meta = field.metadata
         flag = "--" + field.name.replace("_", "-")
         help_text = meta["help"]
-        if field.default is not None and field.default is not False:
+        if field.default is not None and field.default is not False and field.default != ():
             help_text += " (default: %(default)s)"
         kind = _flag_type(hints[field.name])
         if kind is bool:
@@ -42,8 +42,8 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
             continue
         choices = list(meta["choices"]) if meta["choices"] is not None else None
         parser.add_argument(
-            flag, type=kind, default=field.default, choices=choices, help=help_text,
-            **meta["argparse"],
+            flag, *meta.get("aliases", ()), type=kind, default=field.default, choices=choices,
+            help=help_text, **meta["argparse"],
         )  # fmt: skip
     return parser
 

@@ -11,6 +11,7 @@ import sys
 
 from resnet_jax.cli import parser_for, run
 from resnet_jax.training.config import TrainConfig
+from resnet_jax.training.recipes import RECIPES
 
 __all__ = ["main", "parse_args"]
 
@@ -35,13 +36,17 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The flags of `train.py`, one per `TrainConfig` field."""
+    """The flags of `train.py`, one per `TrainConfig` field; `--recipe` first sets the
+    recipe's values as the defaults, so that flags given explicitly win."""
     parser = parser_for(
         TrainConfig,
         description=__doc__.split("\n", 2)[2],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    first = parser.parse_args(argv)
+    if first.recipe is not None:
+        parser.set_defaults(**RECIPES[first.recipe].values(first.arch))
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 

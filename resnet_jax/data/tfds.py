@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -64,35 +67,60 @@ def download_problem(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> str |
     return None
 
 
+class _GFile:
+    """`tf.io.gfile.GFile` for local paths, through `etils.epath` (which tfds depends on)."""
+
+    def __new__(cls, path: Any, mode: str = "r") -> Any:
+        from etils import epath
+
+        return epath.Path(path).open(mode)
+
+
+class _TensorFlowShim:
+    """The two TensorFlow calls tfds makes while preparing an image dataset without it:
+    `tf.io.gfile.GFile` (opening a downloaded archive, writing its extracted files, reading
+    them, as CIFAR's builder does) and `tf.compat.as_text` (the archive's member names)."""
+
+    io = types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=_GFile))
+    compat = types.SimpleNamespace(
+        as_text=lambda text: text.decode("utf-8") if isinstance(text, bytes) else text
+    )
+
+
+def _encode_with_pillow(encoder: Any, array: np.ndarray) -> bytes:
+    """tfds's `_ImageEncoder._encode_image` (a numpy image to PNG or JPEG bytes) with Pillow
+    instead of TensorFlow; tfds reads the bytes back with Pillow or OpenCV either way."""
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return encoder._encode_pil_image(image)
+
+
 @contextlib.contextmanager
-def _tensorflow_free_archives() -> Iterator[None]:
-    """Let tfds open downloaded archives without TensorFlow.
+def _without_tensorflow(builder: Any) -> Iterator[None]:
+    """Let tfds prepare `builder`'s dataset when TensorFlow is absent.
 
-    tfds 4.9 prepares ArrayRecord datasets without TensorFlow except for one call: iterating over a
-    downloaded archive opens it with `tf.io.gfile.GFile`. This swaps in `epath`'s `open` for that
-    one private helper while preparing, and only when TensorFlow is absent.
+    tfds 4.9 writes ArrayRecord datasets without TensorFlow, but its archive extractor and some
+    builders (CIFAR reads its extracted files) still reach for `tf.io.gfile` and
+    `tf.compat.as_text`, and numpy images are encoded with `tf.image`: while preparing, those
+    modules get `_TensorFlowShim` as their `tf` and images are encoded with Pillow.
     """
-    from etils import epath
     from tensorflow_datasets.core.download import extractor
+    from tensorflow_datasets.core.features import image_feature
 
-    if importlib.util.find_spec("tensorflow") or not hasattr(extractor, "_open_or_pass"):
+    if importlib.util.find_spec("tensorflow"):
         yield
         return
-
-    @contextlib.contextmanager
-    def open_or_pass(path_or_fobj: Any) -> Iterator[Any]:
-        if isinstance(path_or_fobj, epath.PathLikeCls):
-            with epath.Path(path_or_fobj).open("rb") as f:
-                yield f
-        else:
-            yield path_or_fobj
-
-    original = extractor._open_or_pass
-    extractor._open_or_pass = open_or_pass
+    modules = [extractor, sys.modules[type(builder).__module__]]
+    saved = [(m, "tf", m.tf) for m in modules if hasattr(m, "tf")]
+    encoder = image_feature._ImageEncoder
+    saved.append((encoder, "_encode_image", encoder._encode_image))
+    replacements = [_TensorFlowShim] * (len(saved) - 1) + [_encode_with_pillow]
+    for (owner, name, _), replacement in zip(saved, replacements, strict=True):
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        extractor._open_or_pass = original
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def _prepare(builder: Any, name: str, download: bool) -> None:
@@ -106,7 +134,7 @@ def _prepare(builder: Any, name: str, download: bool) -> None:
     if problem:
         raise UserError(f"Cannot download tfds dataset '{name}' from {problem}; {_USE_FOLDER}.")
     try:
-        with _tensorflow_free_archives():
+        with _without_tensorflow(builder):
             builder.download_and_prepare(file_format="array_record")
     except ModuleNotFoundError as e:
         if e.name != "tensorflow":

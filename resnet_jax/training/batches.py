@@ -1,9 +1,12 @@
-"""A run's training and validation batches, sharded onto the mesh: from an image folder or tfds,
-or made on the device with `--synthetic`."""
+"""A run's training and validation batches, sharded onto the mesh: from an image folder or tfds
+(augmented per image as the recipe says; validation at --eval-resize / --eval-crop), or made on
+the device with `--synthetic`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import itertools
+from collections.abc import Generator, Iterator
 
 import jax
 
@@ -11,6 +14,7 @@ from resnet_jax.data.loader import Loader, open_datasets
 from resnet_jax.data.synthetic import synthetic_batches
 from resnet_jax.training.config import TrainConfig
 from resnet_jax.training.parallel import DataParallel
+from resnet_jax.training.run_setup import train_transform
 from resnet_jax.training.steps import Batch
 from resnet_jax.weights.metadata import ModelMetadata
 
@@ -34,14 +38,19 @@ class TrainValBatches:
         self.num_classes = len(self.classes)
         common = {
             "batch_size": config.batch_size,
-            "image_size": config.image_size,
             "seed": config.seed,
             "workers": config.workers,
             "process_index": jax.process_index(),
             "process_count": jax.process_count(),
         }
-        self.train_loader = Loader(train, train=True, **common)
-        self.val_loader = Loader(val, train=False, **common)
+        self.train_loader = Loader(
+            train, train=True, image_size=config.image_size, transform=train_transform(config),
+            repeats=config.ra_reps, **common,
+        )  # fmt: skip
+        self.val_loader = Loader(
+            val, train=False, image_size=config.eval_crop, resize_size=config.eval_resize,
+            **common,
+        )  # fmt: skip
         self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
 
     def metadata(self) -> ModelMetadata | None:
@@ -54,16 +63,23 @@ class TrainValBatches:
             resize_size=loader.resize_size, crop_size=loader.image_size, head=c.head,
         )  # fmt: skip
 
-    def train(self, epoch: int) -> Iterator[Batch]:
-        """The training batches of `epoch` (1-based), in the order its seed gives."""
-        c = self.config
+    def train(self, epoch: int, steps: int | None = None) -> Iterator[Batch]:
+        """The training batches of `epoch` (1-based), in the order its seed gives: all of them,
+        or the first `steps` (`--max-steps` cuts the last epoch short)."""
+        c, steps = self.config, self.steps if steps is None else steps
         if c.synthetic:
             key = jax.random.fold_in(jax.random.key(c.seed), epoch)
             return synthetic_batches(
-                self.dp.batch, key, self.steps, c.batch_size, c.image_size, self.num_classes
+                self.dp.batch, key, steps, c.batch_size, c.image_size, self.num_classes
             )
-        return self.dp.prefetch(self.train_loader.epoch(epoch))
+        return self.dp.prefetch(_first(self.train_loader.epoch(epoch), steps))
 
     def val(self, epoch: int) -> Iterator[Batch]:
         """The validation batches, rows beyond the data masked out."""
         return self.dp.prefetch(self.val_loader.epoch(epoch))
+
+
+def _first(batches: Generator[Batch, None, None], n: int) -> Iterator[Batch]:
+    """The first `n` of `batches`, then the generator is closed (its decoding threads stop)."""
+    with contextlib.closing(batches):
+        yield from itertools.islice(batches, n)

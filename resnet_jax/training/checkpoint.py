@@ -1,6 +1,7 @@
 """Resumable training checkpoints with orbax: OUTPUT_DIR/checkpoints/<epoch>/, latest and best kept.
 
-Each checkpoint holds the train state (step, params, batch_stats, optimizer state) and a JSON
+Each checkpoint holds the train state (step, params, batch_stats, optimizer state, the EMA of
+the weights when the run keeps one) and a JSON
 `meta` record (epoch, run configuration, metrics history, best accuracy). Orbax writes a step
 into a temporary folder and renames it when complete, so a `kill -9` during a write leaves only
 a temporary folder that is ignored (and removed) the next time the folder is opened.
@@ -38,12 +39,13 @@ def _ranking(metrics: dict) -> tuple[float, int]:
 
 def _items(state: TrainState) -> dict[str, Any]:
     # The arrays of a TrainState; apply_fn and tx are code, rebuilt from the run's options.
-    return {
+    items = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
+    return items if state.ema is None else {**items, "ema": state.ema}
 
 
 class Checkpoints:

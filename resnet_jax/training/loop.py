@@ -1,5 +1,5 @@
-"""One epoch of a run: the training steps, then an evaluation, summed up in one record (the line
-of metrics.jsonl)."""
+"""One epoch of a run: the training steps, then an evaluation (of the weights, and of their EMA
+when the run keeps one), summed up in one record (the line of metrics.jsonl)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from resnet_jax.training.config import TrainConfig
 from resnet_jax.training.confusion import class_accuracy
 from resnet_jax.training.parallel import DataParallel
 from resnet_jax.training.reporting import progress_bar
-from resnet_jax.training.steps import Batch, Totals, TrainState, zero_totals
+from resnet_jax.training.run_folder import best_weights
+from resnet_jax.training.run_setup import Length
+from resnet_jax.training.steps import (
+    Batch,
+    StepOptions,
+    Totals,
+    TrainState,
+    ema_state,
+    zero_totals,
+)
 from resnet_jax.training.tensorboard import TensorBoard
 
 __all__ = ["EpochLoop", "evaluate", "mean_metrics", "train_epoch"]
@@ -27,33 +36,41 @@ class EpochLoop:
     """The compiled steps of a run, and what an epoch does with them."""
 
     def __init__(
-        self, config: TrainConfig, data: TrainValBatches, dp: DataParallel, tb: TensorBoard
+        self,
+        config: TrainConfig,
+        data: TrainValBatches,
+        dp: DataParallel,
+        tb: TensorBoard,
+        length: Length,
+        options: StepOptions,
     ) -> None:
-        self.config, self.data, self.dp, self.tb = config, data, dp, tb
-        self.train_step = dp.jit_train_step(config.label_smoothing)
+        self.config, self.data, self.dp, self.tb, self.length = config, data, dp, tb, length
+        self.with_ema = options.ema is not None
+        self.train_step = dp.jit_train_step(options)
         self.eval_step = dp.jit_eval_step()
         self.compiled = False  # the first step of a process compiles: it is timed apart
 
     def run(self, state: TrainState, epoch: int) -> tuple[TrainState, dict[str, Any], dict | None]:
-        """Train and evaluate epoch `epoch`: the new state, the epoch's record, and its
-        validation confusion matrix (`{"epoch", "matrix"}`; None without validation)."""
-        c, data, t0 = self.config, self.data, time.perf_counter()
+        """Train and evaluate epoch `epoch`: the new state, the epoch's record, and the validation
+        confusion matrix (`{"epoch", "matrix", "weights"}`) of the weights or their EMA,
+        whichever validated better (None without validation)."""
+        data, t0, steps = self.data, time.perf_counter(), self.length.steps_in(epoch)
         self.tb.start_epoch((epoch - 1) * data.steps)
-        desc = f"epoch[{epoch}/{c.epochs}]"
+        desc = f"epoch[{epoch}/{self.length.epochs}]"
         state, train, compile_s, train_s = train_epoch(
-            self.train_step, state, data.train(epoch), data.steps, self.dp, f"train {desc}",
+            self.train_step, state, data.train(epoch, steps), steps, self.dp, f"train {desc}",
             skip_first=not self.compiled, log=self.tb.train_totals,
         )  # fmt: skip
         self.compiled = True
         if not math.isfinite(train["loss"]):
             raise UserError(self._nan_message(train["loss"], epoch))
-        val = {}
+        evaluated = {}
         if data.val_steps:
-            val = evaluate(
-                self.eval_step, state, data.val(epoch), data.val_steps, data.num_classes,
-                self.dp, f"val {desc}",
-            )  # fmt: skip
-        trained = (data.steps - (1 if compile_s else 0)) * c.batch_size
+            evaluated["raw"] = self._evaluate(state, epoch, f"val {desc}")
+            if self.with_ema:
+                evaluated["ema"] = self._evaluate(ema_state(state), epoch, f"val EMA {desc}")
+        trained = (steps - (1 if compile_s else 0)) * self.config.batch_size
+        val = evaluated.get("raw", {})
         record = {
             "epoch": epoch,
             "train_loss": train["loss"],
@@ -63,12 +80,23 @@ class EpochLoop:
             "images_per_second": trained / train_s if train_s > 0 else None,
             "seconds": time.perf_counter() - t0,
         }
+        if self.with_ema:
+            ema = evaluated.get("ema", {})
+            record |= {"ema_val_loss": ema.get("loss"), "ema_val_accuracy": ema.get("accuracy")}
         if compile_s:
             record["first_step_seconds"] = compile_s
-        if "confusion" not in val:
+        if not evaluated:
             return state, record, None
         record["val_class_accuracy"] = class_accuracy(val["confusion"], data.classes)
-        return state, record, {"epoch": epoch, "matrix": val["confusion"].tolist()}
+        kind = best_weights(record)
+        matrix = evaluated[kind]["confusion"].tolist()
+        return state, record, {"epoch": epoch, "matrix": matrix, "weights": kind}
+
+    def _evaluate(self, state: TrainState, epoch: int, desc: str) -> dict[str, Any]:
+        data = self.data
+        return evaluate(
+            self.eval_step, state, data.val(epoch), data.val_steps, data.num_classes, self.dp, desc
+        )
 
     def _nan_message(self, loss: float, epoch: int) -> str:
         # A run with checkpoints has one for every epoch before this one.

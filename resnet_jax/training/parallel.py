@@ -19,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.runtime.errors import UserError
-from resnet_jax.training.steps import Batch, eval_step, train_step
+from resnet_jax.training.steps import Batch, StepOptions, eval_step, train_step
 
 __all__ = ["DataParallel", "init_distributed"]
 
@@ -58,12 +58,20 @@ class DataParallel:
     def size(self) -> int:
         return self.mesh.size
 
-    def check_batch_size(self, batch_size: int) -> None:
-        """A UserError unless the global batch splits evenly over devices and processes."""
+    def check_batch_size(self, batch_size: int, accumulate_steps: int = 1) -> None:
+        """A UserError unless the global batch splits evenly over devices and processes, and
+        each device's rows into `accumulate_steps` micro-batches."""
         if batch_size % self.size:
             raise UserError(
                 f"--batch-size {batch_size} is not divisible by the {self.size} devices; "
                 f"use a multiple of {self.size}."
+            )
+        if batch_size % (self.size * accumulate_steps):
+            unit = self.size * accumulate_steps
+            raise UserError(
+                f"--batch-size {batch_size} does not split into --accumulate-steps "
+                f"{accumulate_steps} micro-batches on each of the {self.size} devices; use a "
+                f"multiple of {unit}."
             )
 
     def replicate(self, tree: Any) -> Any:
@@ -86,11 +94,12 @@ class DataParallel:
         while queue:
             yield queue.popleft()
 
-    def jit_train_step(self, label_smoothing: float = 0.0) -> Callable:
-        """`train_step` compiled for the mesh, the state's buffers donated to the new state."""
+    def jit_train_step(self, options: StepOptions | None = None) -> Callable:
+        """`train_step` with `options` (default: none) compiled for the mesh, the state's buffers
+        donated to the new state."""
         r = self.replicated
         return jax.jit(
-            partial(train_step, label_smoothing=label_smoothing),
+            partial(train_step, options=options or StepOptions()),
             in_shardings=(r, self.batch, r),
             out_shardings=(r, r),
             donate_argnums=0,

@@ -40,10 +40,13 @@ def progress_bar(steps: int, desc: str) -> tqdm:
 
 def epoch_line(record: dict[str, Any]) -> str:
     """`[epoch 1] train_loss: 0.412 val_accuracy: 0.874 val_loss: 0.351 (12.3 s, 45.6 images/s)`,
-    then the per-class validation accuracy when the record has it."""
+    with the EMA's `ema_val_accuracy` and `ema_val_loss` after the validation when the run keeps
+    one, then the per-class validation accuracy when the record has it."""
     line = f"[epoch {record['epoch']}] train_loss: {record['train_loss']:.3f}"
-    if record["val_accuracy"] is not None:
-        line += f" val_accuracy: {record['val_accuracy']:.3f} val_loss: {record['val_loss']:.3f}"
+    for prefix in ("", "ema_"):
+        if record.get(f"{prefix}val_accuracy") is not None:
+            accuracy, loss = record[f"{prefix}val_accuracy"], record[f"{prefix}val_loss"]
+            line += f" {prefix}val_accuracy: {accuracy:.3f} {prefix}val_loss: {loss:.3f}"
     speed = record["images_per_second"]
     line += f" ({record['seconds']:.1f} s" + (f", {speed:.1f} images/s)" if speed else ")")
     return line + _class_accuracy_part(record.get("val_class_accuracy"))
@@ -82,8 +85,8 @@ def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(9, 3.5), layout="tight")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for split in ("train", "val"):
-        if history[-1][f"{split}_loss"] is not None:
+    for split in ("train", "val", "ema_val"):
+        if history[-1].get(f"{split}_loss") is not None:
             loss_ax.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=split)
             acc_ax.plot(epochs, [h[f"{split}_accuracy"] for h in history], "o-", label=split)
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
@@ -96,11 +99,12 @@ def write_curves(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def draw_confusion(confusion: dict, classes: list[str], arch: str) -> bytes | None:
-    """An epoch's confusion matrix (`{"epoch", "matrix"}`) as PNG bytes on process 0, the one
-    that writes it; None elsewhere, or without matplotlib."""
+    """An epoch's confusion matrix (`{"epoch", "matrix"}`, and "weights": "ema" for the EMA's)
+    as PNG bytes on process 0, the one that writes it; None elsewhere, or without matplotlib."""
     if jax.process_index() != 0:
         return None
-    title = f"{arch}, epoch {confusion['epoch']}, validation"
+    ema = " (EMA weights)" if confusion.get("weights") == "ema" else ""
+    title = f"{arch}, epoch {confusion['epoch']}, validation{ema}"
     return confusion_png(np.asarray(confusion["matrix"]), classes, title)
 
 

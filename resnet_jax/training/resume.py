@@ -73,17 +73,31 @@ def start(
     return Start(state, meta["history"], meta.get("best_confusion"))
 
 
+def _plain(value: Any) -> Any:
+    # JSON gives back a tuple (--lr-milestones) as a list.
+    return list(value) if isinstance(value, tuple) else value
+
+
 def changed_options(config: TrainConfig, saved: dict[str, Any]) -> list[str]:
     """`--lr 0.001 (now 0.5)` for each option that defines the run and differs from `saved`
-    (a checkpoint's `config`), and `--epochs` when the cosine schedule depends on it."""
+    (a checkpoint's `config`), and `--epochs` when the cosine schedule or torchvision's EMA
+    adjustment depends on it."""
     # A run saved before an option existed ran with that option's default.
     saved = {**{k: getattr(TrainConfig(), k) for k in RUN_KEYS}, **saved}
     changed = [
         f"--{k.replace('_', '-')} {saved[k]} (now {getattr(config, k)})"
         for k in RUN_KEYS
-        if saved[k] != getattr(config, k)
+        if _plain(saved[k]) != _plain(getattr(config, k))
     ]
-    if config.schedule == "cosine" and saved.get("epochs") != config.epochs:
-        was = saved.get("epochs")
-        changed.append(f"--epochs {was} (now {config.epochs}; it sets the cosine schedule)")
+    uses = [
+        name
+        for name, used in (
+            ("the cosine schedule", config.schedule == "cosine"),
+            ("the EMA decay", config.model_ema and config.model_ema_adjust),
+        )
+        if used
+    ]
+    if uses and config.max_steps is None and saved.get("epochs") != config.epochs:
+        was, what = saved.get("epochs"), " and ".join(uses)
+        changed.append(f"--epochs {was} (now {config.epochs}; it sets {what})")
     return changed

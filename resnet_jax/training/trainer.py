@@ -23,7 +23,7 @@ from resnet_jax.training.batches import TrainValBatches
 from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.config import DTYPES, TrainConfig, resolve
 from resnet_jax.training.loop import EpochLoop
-from resnet_jax.training.optim import frozen_stages, make_optimizer, make_schedule
+from resnet_jax.training.optim import frozen_stages
 from resnet_jax.training.parallel import DataParallel, init_distributed
 from resnet_jax.training.reporting import (
     draw_confusion,
@@ -38,6 +38,13 @@ from resnet_jax.training.run_folder import (
     prepare_folder,
     save_epoch,
     write_start,
+)
+from resnet_jax.training.run_setup import (
+    Length,
+    make_run_optimizer,
+    run_length,
+    run_schedule,
+    step_options,
 )
 from resnet_jax.training.steps import TrainState, create_state
 from resnet_jax.training.tensorboard import TensorBoard
@@ -60,15 +67,19 @@ def train(config: TrainConfig) -> TrainResult:
     enable_compilation_cache()
     config = resolve(config)
     dp = DataParallel()
-    dp.check_batch_size(config.batch_size)
+    dp.check_batch_size(config.batch_size, config.accumulate_steps)
     out = Path(config.output_dir)
     replaced = outputs_to_replace(out, config)
     if jax.process_count() > 1:
         # Every process looks at the folder before process 0 writes into it.
         multihost_utils.sync_global_devices("resnet_jax: output folder checked")
     data = TrainValBatches(config, dp)
-    model, tx, schedule = _model_and_optimizer(config, data)
-    make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
+    length = run_length(config, data.steps)
+    model, tx, schedule = _model_and_optimizer(config, data, length)
+    make_state = jax.jit(
+        partial(create_state, model.apply, tx, with_ema=config.model_ema),
+        out_shardings=dp.replicated,
+    )
     if jax.process_index() == 0:
         prepare_folder(out, replaced)
     ckpts = None if config.synthetic else Checkpoints(out / "checkpoints")
@@ -78,15 +89,15 @@ def train(config: TrainConfig) -> TrainResult:
         begin = start(config, model, make_state, ckpts, dp)
         write_start(out, begin, data.classes, config.arch)
         state, history, best_confusion = begin
-        if len(history) >= config.epochs:
+        if len(history) >= length.epochs:
             done = len(history)
             print_once(f"{out} is already trained for {done} epochs; raise --epochs to go on.")
-        loop = EpochLoop(config, data, dp, tb)
-        for epoch in range(len(history) + 1, config.epochs + 1):
+        loop = EpochLoop(config, data, dp, tb, length, step_options(config, length))
+        for epoch in range(len(history) + 1, length.epochs + 1):
             state, record, confusion = loop.run(state, epoch)
             png = draw_confusion(confusion, data.classes, config.arch) if confusion else None
             # On disk before the checkpoint: a checkpoint never holds epochs the events lack.
-            tb.epoch(epoch * data.steps, record, png)
+            tb.epoch(min(epoch * data.steps, length.total_steps), record, png)
             history.append(record)
             if confusion and improved(history):
                 best_confusion = confusion
@@ -103,7 +114,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _model_and_optimizer(
-    config: TrainConfig, data: TrainValBatches
+    config: TrainConfig, data: TrainValBatches, length: Length
 ) -> tuple[ResNet, optax.GradientTransformation, optax.Schedule]:
     """The model for the data's classes, and its optimizer with the learning-rate schedule."""
     frozen = frozen_stages(config.freeze, config.head)
@@ -114,8 +125,5 @@ def _model_and_optimizer(
         frozen_stages=frozen,
         head=config.head,
     )
-    total_steps = config.epochs * data.steps
-    warmup_steps = round(config.warmup_epochs * data.steps)
-    schedule = make_schedule(config.lr, config.schedule, warmup_steps, total_steps)
-    tx = make_optimizer(config.optimizer, schedule, config.weight_decay, frozen)
-    return model, tx, schedule
+    schedule = run_schedule(config, length)
+    return model, make_run_optimizer(config, schedule, frozen), schedule

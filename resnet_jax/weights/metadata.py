@@ -1,5 +1,6 @@
 """What a weights file written here says about its model, so that it predicts as it was validated:
-architecture, classes, head layout, training image size and the eval transform.
+architecture, classes, head layout, training image size, the eval transform, and whether the
+tensors are the trained weights or their moving average.
 
 `.msgpack` files keep it as their first field, `metadata` (read without reading the tensors);
 `.safetensors` files in their standard `__metadata__` header, which torch's loaders ignore. Both
@@ -20,10 +21,13 @@ from resnet_jax.models.registry import ARCHITECTURES, IMAGENET_EVAL, EvalTransfo
 from resnet_jax.models.resnet import HEADS, ResNet
 from resnet_jax.runtime.errors import UserError
 
-__all__ = ["METADATA_KEY", "ModelMetadata", "check_metadata", "read_file_metadata"]
+__all__ = ["METADATA_KEY", "WEIGHTS", "ModelMetadata", "check_metadata", "read_file_metadata"]
 
 METADATA_KEY = "metadata"  # the .msgpack field
-_TEXT_FIELDS = ("arch", "head")  # stored as they are; every other field as JSON
+_TEXT_FIELDS = ("arch", "head", "weights")  # stored as they are; every other field as JSON
+
+# `ModelMetadata.weights`: which tensors a file holds.
+WEIGHTS = {"raw": "the trained weights", "ema": "their exponential moving average (--model-ema)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,7 @@ class ModelMetadata:
     mean: tuple[float, float, float] = IMAGENET_EVAL.mean
     std: tuple[float, float, float] = IMAGENET_EVAL.std
     head: str = "replace"  # a key of models.HEADS
+    weights: str = "raw"  # a key of WEIGHTS
 
     @classmethod
     def default(cls, arch: str, num_classes: int, head: str = "replace") -> ModelMetadata:
@@ -120,6 +125,7 @@ class ModelMetadata:
             "mean": not numbers(self.mean),
             "std": not (numbers(self.std) and all(v > 0 for v in self.std)),
             "head": self.head not in HEADS,
+            "weights": self.weights not in WEIGHTS,
         }
         for name, bad in problems.items():
             if bad:

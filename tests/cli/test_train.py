@@ -19,6 +19,7 @@ import pytest
 
 from resnet_jax.data.sources import read_class_indices
 from resnet_jax.models.factory import create_model
+from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.transfer import initial_variables
 from resnet_jax.weights.io import load_variables, read_metadata
 from tests.helpers import flat, make_train_val_folder, tensorboard_series
@@ -176,8 +177,8 @@ else:  # the second step of epoch 2, the checkpoint and metrics of epoch 1 compl
         save(self, *args)
         self.wait()
 
-    def jit_stopping_step(self, label_smoothing=0.0):
-        step = compile_step(self, label_smoothing)
+    def jit_stopping_step(self, options=None):
+        step = compile_step(self, options)
 
         def stopping(state, batch, totals):
             if int(state.step) == 4:
@@ -390,6 +391,28 @@ def test_synthetic_reports_images_per_second(env, tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
 
 
+def test_the_cifar_recipe_from_the_command_line(data, env, tmp_path):
+    """--recipe cifar-paper with two flags of its own: CIFAR's pad crop at 32 px, SGD, and
+    validation and best.msgpack at 32 px without a crop margin; --max-steps 4 ends the run in
+    its second epoch."""
+    args = ["--recipe", "cifar-paper", "--arch", "resnet18", "--data-dir", str(data),
+            "--batch-size", "6", "--max-steps", "4", "--workers", "1",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    result = run_train(args, env)
+    assert result.returncode == 0, result.stderr
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2]
+    metadata = read_metadata(tmp_path / "best.msgpack")
+    assert (metadata.image_size, metadata.resize_size, metadata.crop_size) == (32, 32, 32)
+    assert metadata.weights == "raw"
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    try:
+        saved = ckpts.meta()["config"]
+    finally:
+        ckpts.close()
+    assert (saved["optimizer"], saved["lr"], saved["lr_milestones"]) == ("sgd", 0.1, [32000, 48000])
+    assert (saved["train_crop_mode"], saved["max_steps"]) == ("pad_crop", 4)
+
+
 @pytest.mark.parametrize(
     "extra, devices, message",
     [
@@ -397,6 +420,7 @@ def test_synthetic_reports_images_per_second(env, tmp_path):
         (["--data-dir", "/nonexistent/flowers"], 1, "/nonexistent/flowers"),
         (["--arch", "resnet34", "--weights", "WEIGHTS"], 1, "do not fit resnet34"),
         (["--batch-size", "3"], 2, "--batch-size 3 is not divisible by the 2 devices"),
+        (["--accumulate-steps", "2"], 2, "does not split into --accumulate-steps 2 micro-batches"),
         (["--coordinator-address", "127.0.0.1:1"], 1, "multi-process"),
         (["--output-dir", "A_FILE"], 1, "is a file; choose a folder for the run's outputs"),
     ],

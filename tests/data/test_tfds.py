@@ -112,3 +112,52 @@ def test_tf_flowers_prepares_and_reads_without_tensorflow(tmp_path, monkeypatch,
     assert sorted(labels) == [c for c in range(5) for _ in range(4)]
     (batch,) = batches(Loader(val, 2, train=False, image_size=16, workers=1))
     assert batch["mask"].all()
+
+
+def cifar_archive(path, labels_by_file: dict[str, list[int]], classes: list[str]) -> dict:
+    """A cifar-10-binary.tar.gz in the real layout: per record a label byte and a 3x32x32
+    image; returns each file's images (HWC) for comparison."""
+    rng = np.random.default_rng(0)
+    images = {}
+    with tarfile.open(path, "w:gz") as tar:
+
+        def add(name: str, payload: bytes) -> None:
+            member = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+
+        for name, labels in labels_by_file.items():
+            chw = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+            images[name] = chw.transpose(0, 2, 3, 1)
+            add(name, b"".join(bytes([y]) + x.tobytes() for y, x in zip(labels, chw, strict=True)))
+        add("batches.meta.txt", "\n".join(classes).encode() + b"\n\n")
+    return images
+
+
+def test_cifar10_prepares_and_reads_without_tensorflow(tmp_path, monkeypatch, http_server):
+    """tfds's real CIFAR-10 builder on a fake 14-image archive served from 127.0.0.1: its
+    extraction and its reader (tf.io.gfile in tfds) run without TensorFlow."""
+    served, base = http_server
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]  # fmt: skip
+    files = {f"data_batch_{i}.bin": [i, 9 - i] for i in range(1, 6)}
+    files["test_batch.bin"] = [0, 1, 2, 3]
+    images = cifar_archive(served / "cifar-10-binary.tar.gz", files, classes)
+    from tensorflow_datasets.image_classification import cifar
+
+    url = f"{base}/cifar-10-binary.tar.gz"
+    info = cifar.Cifar10(data_dir=str(tmp_path / "probe"))._cifar_info._replace(url=url)
+    monkeypatch.setattr(cifar.Cifar10, "_cifar_info", property(lambda self: info))
+    monkeypatch.setattr(cifar.Cifar10, "url_infos", {url: None})
+    train, val, got_classes = open_datasets(dataset="cifar10", tfds_dir=str(tmp_path / "tfds"))
+    assert got_classes == classes
+    assert (train.split, val.split, len(train), len(val)) == ("train", "test", 10, 4)
+    train_labels = [y for name, labels in files.items() if name != "test_batch.bin" for y in labels]
+    assert sorted(train.label(i) for i in range(10)) == sorted(train_labels)
+    want = {label: image for label, image in zip(files["test_batch.bin"],
+                                                 images["test_batch.bin"], strict=True)}  # fmt: skip
+    for i in range(4):
+        image, label = val.example(i)
+        np.testing.assert_array_equal(np.asarray(image), want[label])
+    (batch,) = batches(Loader(val, 4, train=False, image_size=32, resize_size=32, workers=1))
+    assert batch["mask"].all() and batch["image"].shape == (4, 32, 32, 3)

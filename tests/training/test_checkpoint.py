@@ -19,8 +19,9 @@ from resnet_jax.training.optim import make_optimizer
 from resnet_jax.training.steps import TrainState
 
 
-def small_state(seed: int = 0) -> TrainState:
-    """A TrainState shaped like a ResNet's: a frozen part under multi_transform, Adam moments."""
+def small_state(seed: int = 0, with_ema: bool = False) -> TrainState:
+    """A TrainState shaped like a ResNet's: a frozen part under multi_transform, Adam moments,
+    and with `with_ema` an average of the weights."""
     rng = np.random.default_rng(seed)
     params = {
         "conv1": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)},
@@ -33,7 +34,9 @@ def small_state(seed: int = 0) -> TrainState:
     tx = make_optimizer("adam", 0.1, 0.0, frozen_stages=0)
     state = TrainState.create(apply_fn=None, params=params, tx=tx, batch_stats=batch_stats)
     grads = jax.tree.map(jnp.ones_like, params)
-    return state.apply_gradients(grads=grads)
+    state = state.apply_gradients(grads=grads)
+    average = {"params": jax.tree.map(lambda p: p / 2, params), "batch_stats": batch_stats}
+    return state.replace(ema=average) if with_ema else state
 
 
 def leaves_equal(a, b) -> bool:
@@ -57,6 +60,15 @@ def test_round_trip_is_exact(tmp_path):
     assert int(restored.step) == 1
     assert leaves_equal(restored, state)
     assert isinstance(restored.opt_state, optax.transforms.PartitionState)
+
+
+def test_the_ema_round_trips(tmp_path):
+    state = small_state(with_ema=True)
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, state, {}, val_accuracy=0.5)
+    ckpts.close()
+    restored = Checkpoints(tmp_path).restore(jax.eval_shape(lambda: small_state(1, True)))
+    assert leaves_equal(restored.ema, state.ema) and leaves_equal(restored, state)
 
 
 def epochs_on_disk(folder) -> list[int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
+from resnet_jax.runtime.errors import UserError
 from resnet_jax.training.parallel import DataParallel, init_distributed
 
 
@@ -34,3 +36,10 @@ def test_single_process_needs_no_distributed_setup(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     init_distributed(None, None, None)  # returns at once
     assert not jax.distributed.is_initialized()
+
+
+def test_accumulation_needs_micro_batches_that_split_over_the_devices():
+    dp = DataParallel()
+    dp.check_batch_size(6 * dp.size, accumulate_steps=3)
+    with pytest.raises(UserError, match="does not split into --accumulate-steps 4 micro-batches"):
+        dp.check_batch_size(6 * dp.size, accumulate_steps=4)

@@ -21,6 +21,14 @@ def test_epoch_line_without_validation():
     assert epoch_line(record) == "[epoch 1] train_loss: 0.412 (12.3 s, 45.6 images/s)"
 
 
+def test_epoch_line_with_the_ema():
+    record = {**RECORD, "ema_val_loss": 0.3333, "ema_val_accuracy": 0.9}
+    assert epoch_line(record) == (
+        "[epoch 1] train_loss: 0.412 val_accuracy: 0.874 val_loss: 0.351 ema_val_accuracy: 0.900 "
+        "ema_val_loss: 0.333 (12.3 s, 45.6 images/s)"
+    )
+
+
 def test_write_metrics_rewrites_the_whole_history(tmp_path):
     write_metrics(tmp_path, [RECORD, {**RECORD, "epoch": 2}, {**RECORD, "epoch": 3}])
     # A resumed run rewrites the file from its checkpoint's history, dropping lost epochs.

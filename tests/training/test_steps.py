@@ -1,20 +1,27 @@
-"""resnet_jax.training.steps: the loss against torch, the train and eval steps, masks, frozen stages."""
+"""resnet_jax.training.steps: the loss against torch, the train and eval steps, masks, frozen
+stages, gradient accumulation against a torch loop, the EMA and the mixing inside the step."""
 
 from __future__ import annotations
 
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torchvision
 
-from resnet_jax.models.factory import create_model
-from resnet_jax.models.preprocess import eval_logits
-from resnet_jax.training import optim, steps
+from resnet_jax.models.blocks import BasicBlock
+from resnet_jax.models.factory import create_model, init_variables
+from resnet_jax.models.preprocess import eval_logits, normalize
+from resnet_jax.models.resnet import ResNet
+from resnet_jax.training import batch_augment as ba
+from resnet_jax.training import ema, optim, steps
 from resnet_jax.training.parallel import DataParallel
 from resnet_jax.training.transfer import initial_variables
-from tests.helpers import flat
+from resnet_jax.weights.torch_names import torch_to_flax
+from tests.helpers import flat, nchw, numpy_state_dict, step_errors
 
 
 def random_batch(seed: int, n: int = 4, size: int = 32, classes: int = 3) -> dict[str, np.ndarray]:
@@ -121,6 +128,127 @@ def test_eval_step_counts_the_confusion_matrix_of_the_real_rows(variables):
     assert totals["confusion"].dtype == np.int32
     np.testing.assert_array_equal(totals["confusion"], expected)
     assert np.trace(expected) == float(totals["correct"]) and expected.sum() == 5
+
+
+def tiny_resnet(frozen: int = -1, dtype=jnp.float32) -> ResNet:
+    """One BasicBlock per stage: the smallest torchvision-shaped ResNet."""
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=3, frozen_stages=frozen, dtype=dtype)
+
+
+def sgd_state(model: ResNet, variables: dict) -> steps.TrainState:
+    tx = optim.make_optimizer("sgd", 0.1, 1e-4)
+    return steps.create_state(model.apply, tx, jax.tree.map(jnp.asarray, variables))
+
+
+def test_soft_cross_entropy_matches_torch_with_probability_targets():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 5)).astype(np.float32)
+    targets = rng.dirichlet(np.ones(5), 6).astype(np.float32)
+    ours = steps.soft_cross_entropy(logits, targets, 0.1)
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits), torch.tensor(targets), label_smoothing=0.1, reduction="none"
+    )
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_accumulated_micro_batches_match_a_torch_accumulation_loop():
+    """accumulate_steps=2 in float64 equals torch's loop: backward() on rows 0, 2 and on rows
+    1, 3 (each loss divided by the whole batch's 4 rows), then one SGD step; BatchNorm uses each
+    micro-batch's statistics and updates its running statistics twice."""
+    torch.manual_seed(0)
+    tmodel = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3
+    ).double()
+    variables = torch_to_flax(numpy_state_dict(tmodel))
+    batch = random_batch(5, n=4, size=32)
+    x = nchw(normalize(batch["image"])).double()
+    opt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    tmodel.train()
+    for j in range(2):
+        rows = slice(j, None, 2)
+        logits = tmodel(x[rows])
+        loss = torch.nn.functional.cross_entropy(
+            logits, torch.tensor(batch["label"][rows], dtype=torch.int64), reduction="sum"
+        )
+        (loss / 4).backward()
+    opt.step()
+    want = torch_to_flax(numpy_state_dict(tmodel))
+    with jax.enable_x64(True):
+        model = tiny_resnet(dtype=jnp.float64)
+        state = sgd_state(model, jax.tree.map(lambda v: v.astype(np.float64), variables))
+        options = steps.StepOptions(accumulate_steps=2)
+        state, totals = jax.jit(steps.train_step, static_argnums=3)(
+            state, batch, steps.zero_totals(), options
+        )
+        got = {"params": state.params, "batch_stats": state.batch_stats}
+    worst = max(step_errors(got, want).items(), key=lambda kv: kv[1])
+    assert worst[1] <= 1e-9, worst
+    assert float(totals["count"]) == 4
+
+
+def test_accumulation_equals_one_batch_where_batchnorm_uses_running_statistics():
+    """With the backbone frozen (BatchNorm on running statistics) two micro-batches give the
+    big batch's step. (Where BatchNorm trains they differ, as the float64 test above shows
+    torch's loop does too.)"""
+    batch = random_batch(6, n=4, size=16)
+    model = tiny_resnet(frozen=4)
+    variables = init_variables(model)
+    results = []
+    for k in (1, 2):
+        options = steps.StepOptions(accumulate_steps=k)
+        state, totals = jax.jit(steps.train_step, static_argnums=3)(
+            sgd_state(model, variables), batch, steps.zero_totals(), options
+        )
+        results.append((flat(state.params), float(totals["loss"])))
+    (one, loss_one), (two, loss_two) = results
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    for name, value in two.items():
+        np.testing.assert_allclose(value, one[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert not np.array_equal(one["fc/kernel"], flat(variables["params"])["fc/kernel"])
+
+
+def test_the_ema_follows_the_steps():
+    model = tiny_resnet()
+    state = steps.create_state(
+        model.apply, optim.make_optimizer("sgd", 0.1, 0.0), init_variables(model), with_ema=True
+    )
+    options = steps.StepOptions(ema=ema.EmaSchedule(0.75, every=1))
+    step = jax.jit(steps.train_step, static_argnums=3)
+    trained = []
+    for seed in (7, 8):
+        state, _ = step(state, random_batch(seed, size=16), steps.zero_totals(), options)
+        trained.append({"params": state.params, "batch_stats": state.batch_stats})
+    # The first update copies the weights; the second moves a quarter of the way.
+    want = jax.tree.map(lambda a, b: 0.75 * a + 0.25 * b, *trained)
+    for name, value in flat(state.ema).items():
+        np.testing.assert_allclose(value, flat(want)[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    evaluated = steps.ema_state(state)
+    assert evaluated.params is state.ema["params"]
+
+
+def test_mixing_draws_from_the_seed_and_the_step():
+    """The step's loss is the mixed loss of `augment_batch` with the key (seed, step)."""
+    model = tiny_resnet()
+    variables = init_variables(model)
+    batch = random_batch(9, size=16)
+    spec = ba.BatchAugment(mixup_alpha=0.4, cutmix_alpha=1.0, erase_prob=0.5)
+    options = steps.StepOptions(label_smoothing=0.1, augment=spec, seed=11)
+    step = jax.jit(steps.train_step, static_argnums=3)
+    _, totals = step(sgd_state(model, variables), batch, steps.zero_totals(), options)
+
+    @jax.jit
+    def mixed_loss(variables, batch):
+        key = jax.random.fold_in(jax.random.key(11), 0)
+        images = normalize(batch["image"])
+        mixed = ba.augment_batch(key, images, batch["label"], batch["mask"], spec)
+        logits, _ = model.apply(variables, mixed.images, train=True, mutable=["batch_stats"])
+        return jnp.sum(steps.soft_cross_entropy(logits, ba.mixed_targets(mixed, 3), 0.1))
+
+    assert float(totals["loss"]) == pytest.approx(float(mixed_loss(variables, batch)), rel=1e-5)
+    later = sgd_state(model, variables).replace(step=1)  # step 1 draws another mix
+    _, totals_1 = step(later, batch, steps.zero_totals(), options)
+    assert float(totals_1["loss"]) != pytest.approx(float(totals["loss"]), rel=1e-5)
 
 
 def test_top_k_hits_and_the_mean_of_two_softmaxes_match_torch():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from resnet_jax.runtime.errors import UserError
+from resnet_jax.training.batches import TrainValBatches
 from resnet_jax.training.checkpoint import Checkpoints
 from resnet_jax.training.config import RUN_KEYS, TrainConfig, resolve
 from resnet_jax.training.loop import EpochLoop, evaluate, train_epoch
@@ -23,10 +24,14 @@ from resnet_jax.training.parallel import DataParallel
 from resnet_jax.training.resume import changed_options
 from resnet_jax.training.run_folder import (
     OUTPUTS,
+    best_accuracy,
+    best_weights,
     improved,
     outputs_to_replace,
     prepare_folder,
 )
+from resnet_jax.training.run_setup import Length
+from resnet_jax.training.steps import StepOptions, ema_state
 from resnet_jax.training.tensorboard import TensorBoard
 from resnet_jax.training.trainer import train
 from resnet_jax.weights.io import load_variables, read_metadata
@@ -166,8 +171,8 @@ def test_outputs_of_an_earlier_run_are_never_replaced_silently(two_epochs, data,
 def test_a_nan_loss_stops_and_keeps_the_good_checkpoint(two_epochs, data, tmp_path, monkeypatch):
     compile_step = DataParallel.jit_train_step
 
-    def jit_poisoned_step(self, label_smoothing=0.0):
-        step = compile_step(self, label_smoothing)
+    def jit_poisoned_step(self, options=None):
+        step = compile_step(self, options)
 
         def poisoned(state, batch, totals):
             if int(state.step) == 3:  # the second step of epoch 2
@@ -314,8 +319,9 @@ def test_evaluate_counts_the_confusion_matrix():
 def fake_loop(losses, synthetic=0):
     """An EpochLoop over 2 training steps, its steps replaced by counting ones."""
     config = dataclasses.replace(TINY, epochs=3, synthetic=synthetic)
-    data = SimpleNamespace(steps=2, val_steps=0, train=lambda epoch: iter(range(2)))
-    loop = EpochLoop(config, data, DP, TensorBoard(None, 1, lambda step: 0.0))
+    data = SimpleNamespace(steps=2, val_steps=0, train=lambda epoch, steps: iter(range(steps)))
+    tb, length = TensorBoard(None, 1, lambda step: 0.0), Length(3, 2, 6, 0)
+    loop = EpochLoop(config, data, DP, tb, length, StepOptions())
     loop.train_step = counting_step(losses)
     return loop
 
@@ -337,3 +343,74 @@ def test_a_nan_loss_is_one_user_error(epoch, synthetic, kept):
         UserError, match=f"loss became nan in epoch {epoch}, .*; {kept}. Lower --lr"
     ):
         fake_loop([np.nan, np.nan], synthetic).run(0, epoch=epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's options, all at once: the run, its EMA, best.msgpack and --resume
+
+RECIPE = {"optimizer": "sgd-nesterov", "weight_decay": 1e-4, "norm_weight_decay": 0.0,
+          "schedule": "multistep", "lr_milestones": (3,), "lr_step_unit": "steps",
+          "warmup_steps": 1, "warmup_method": "constant", "warmup_factor": 0.1,
+          "label_smoothing": 0.1, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "random_erase": 0.5,
+          "accumulate_steps": 2, "model_ema": True, "model_ema_decay": 0.5,
+          "model_ema_warmup": "timm", "auto_augment": "ta_wide", "ra_reps": 2,
+          "eval_resize": 36, "eval_crop": 32, "lr": 0.05}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipe_run(data, tmp_path_factory):
+    return run(data, tmp_path_factory.mktemp("recipe"), epochs=2, **RECIPE)
+
+
+def test_a_recipe_run_validates_and_keeps_the_ema(recipe_run):
+    out, history = recipe_run.output_dir, recipe_run.history
+    assert int(recipe_run.state.step) == 4
+    for record in history:
+        assert 0 <= record["ema_val_accuracy"] <= 1 and record["ema_val_loss"] > 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    # The EMA differs from the weights (decay 0.5), and best.msgpack holds the better of the
+    # two at the best epoch, as its metadata says.
+    state = recipe_run.state
+    assert not np.array_equal(state.ema["params"]["fc"]["kernel"], state.params["fc"]["kernel"])
+    best = max(history, key=best_accuracy)
+    metadata = read_metadata(out / "best.msgpack")
+    assert metadata.weights == best_weights(best)
+    assert (metadata.resize_size, metadata.crop_size, metadata.image_size) == (36, 32, 32)
+    if best["epoch"] == 2:  # then the final state holds what best.msgpack saved
+        chosen = ema_state(state) if metadata.weights == "ema" else state
+        want = flat({"params": chosen.params, "batch_stats": chosen.batch_stats})
+        for name, value in flat(load_variables(out / "best.msgpack")).items():
+            np.testing.assert_array_equal(value, want[name], err_msg=name)
+
+
+def test_a_recipe_run_resumes_exactly(recipe_run, data, tmp_path):
+    first = run(data, tmp_path, epochs=1, **RECIPE)
+    resumed = run(data, tmp_path, epochs=2, resume=True, **RECIPE)
+    assert without_times(resumed.history) == without_times(recipe_run.history)
+    assert resumed.history[0] == first.history[0]
+    got, want = (
+        jax.device_get((r.state.params, r.state.batch_stats, r.state.opt_state, r.state.ema))
+        for r in (resumed, recipe_run)
+    )
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_max_steps_ends_the_run_inside_an_epoch(data, tmp_path):
+    result = run(data, tmp_path, epochs=1, max_steps=3)
+    assert [h["epoch"] for h in result.history] == [1, 2] and int(result.state.step) == 3
+
+
+def test_the_loaders_follow_the_recipe(data):
+    config = resolve(dataclasses.replace(
+        TINY, data_dir=str(data), train_crop_mode="pad_crop", crop_padding=2,
+        auto_augment="randaugment", ra_reps=3, eval_resize=40, eval_crop=24,
+    ))  # fmt: skip
+    batches = TrainValBatches(config, DP)
+    transform = batches.train_loader.transform
+    assert (transform.crop, transform.padding, transform.auto_augment) == (
+        "pad_crop", 2, "randaugment",
+    )  # fmt: skip
+    assert batches.train_loader.repeats == 3
+    assert (batches.val_loader.resize_size, batches.val_loader.image_size) == (40, 24)
+    assert len(list(batches.train(1, steps=1))) == 1

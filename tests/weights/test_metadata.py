@@ -19,7 +19,13 @@ from resnet_jax.weights.io import load_variables, read_metadata, save_variables
 from resnet_jax.weights.metadata import ModelMetadata
 
 TRAINED = ModelMetadata(
-    "resnet18", 3, ("daisy", "roses", "tulips"), image_size=48, resize_size=55, crop_size=48
+    "resnet18",
+    3,
+    ("daisy", "roses", "tulips"),
+    image_size=48,
+    resize_size=55,
+    crop_size=48,
+    weights="ema",
 )
 
 
@@ -49,6 +55,7 @@ def test_files_stay_loadable_by_torch_and_older_readers(variables, tmp_path):
     header = json.loads((tmp_path / "best.safetensors").read_bytes()[8 : 8 + header_size])
     assert header["__metadata__"]["image_size"] == "48"
     assert header["__metadata__"]["classes"] == '["daisy", "roses", "tulips"]'
+    assert header["__metadata__"]["weights"] == "ema"
 
     save_variables(tmp_path / "best.msgpack", variables, TRAINED)
     tree = serialization.msgpack_restore((tmp_path / "best.msgpack").read_bytes())
@@ -65,6 +72,7 @@ def test_files_without_metadata_fall_back_to_the_registry(variables, tmp_path):
     # torchvision's newer recipe for resnext101_64x4d was measured after a resize to 232.
     assert ModelMetadata.default("resnext101_64x4d", 1000).transform == EvalTransform(232, 224)
     assert ModelMetadata.default("resnet18", 5).transform == EvalTransform(256, 224)
+    assert ModelMetadata.default("resnet18", 5).weights == "raw"
     predictor = Predictor.load(tmp_path / "plain.msgpack")
     assert predictor.transform == EvalTransform(256, 224)
     assert predictor.classes == ["0", "1", "2"]  # no names anywhere: indices
@@ -93,6 +101,7 @@ def test_predictor_uses_the_metadata_unless_told_otherwise(variables, tmp_path):
         ({"std": "[0.2, 0.2, 0]"}, "'std'"),
         ({"arch": "resnet19"}, "'arch' is 'resnet19'"),
         ({"head": "prepend"}, "'head' is 'prepend'"),
+        ({"weights": "swa"}, "'weights' is 'swa'"),
         ({"num_classes": None}, "'num_classes' is missing"),
     ],
 )
