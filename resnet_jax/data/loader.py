@@ -1,16 +1,20 @@
 """Sources (image folders or tfds) -> shuffled, sharded, prefetched uint8 batches.
 
 The order of an epoch and every random crop depend only on (seed, epoch, example index), never on
-the number of worker threads, so a run resumed at batch k sees exactly what it would have seen.
+the number or kind of workers, so a run resumed at batch k sees exactly what it would have seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import sys
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Self
 
 import numpy as np
 
@@ -21,9 +25,10 @@ from resnet_jax.data.transforms import (
     eval_transform_uint8,
     random_resized_crop_flip,
 )
+from resnet_jax.data.workers import ProcessWorkers, ThreadWorkers
 from resnet_jax.runtime.errors import UserError
 
-__all__ = ["Loader", "default_workers", "open_datasets"]
+__all__ = ["Examples", "Loader", "default_workers", "open_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +64,48 @@ def open_datasets(
 
 
 def default_workers() -> int:
-    """One decoding thread per CPU core this process may use, at most 16."""
+    """One decoding worker per CPU core this process may use."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    # A guess, not measured beyond 2 cores: the GIL-held Python glue around each image limits
-    # what threads past 16 could add.
-    return min(cores, 16)
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """How example `index` of epoch `epoch` becomes (uint8 HWC image, label): what the workers
+    run, picklable for worker processes."""
+
+    source: Source
+    train: bool
+    image_size: int
+    resize_size: int
+    seed: int
+    reduced_decode: bool
+
+    def get(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
+        if not self.train:
+            image, label = self.source.example(index)
+            return eval_transform_uint8(image, self.image_size, self.resize_size), label
+        image, label = self.source.example(index, lazy=self.reduced_decode)
+        rng = np.random.default_rng((self.seed, epoch, _AUGMENT_STREAM, index))
+        crop = random_resized_crop_flip(
+            image, self.image_size, rng, reduced_decode=self.reduced_decode
+        )
+        return crop, label
 
 
 class Loader:
-    """Batches of uint8 NHWC images for one process, decoded by a thread pool.
+    """Batches of uint8 NHWC images for one process, decoded by `workers` threads or processes.
 
     With `train=False` it makes the validation batches and `inference.Predictor`'s batches
     alike: `eval_transform_uint8(image, image_size, resize_size)`, normalised on the device by
     `steps.eval_logits`. `on_skip` gets each unreadable image (default: a logged warning).
+
+    `processes`: decode in worker processes (`data.workers`), started at the first epoch and
+    kept until `close()`, instead of threads started for each epoch. `reduced_decode`: training
+    crops of JPEGs decoded at 1/2, 1/4 or 1/8 size where the crop allows
+    (`transforms.reduced_resized_crop`); False decodes in full, bit-identical to torchvision.
     """
 
     def __init__(
@@ -91,6 +122,8 @@ class Loader:
         prefetch: int = 2,
         resize_size: int | None = None,
         on_skip: Callable[[BadImage], None] | None = None,
+        processes: bool = False,
+        reduced_decode: bool = True,
     ) -> None:
         if batch_size < 1 or batch_size % process_count:
             raise UserError(
@@ -117,6 +150,24 @@ class Loader:
         # The eval resize before the centre crop (default: in ImageNet's 256/224 proportion).
         self.resize_size = eval_size(image_size) if resize_size is None else resize_size
         self.on_skip = on_skip
+        self.processes = processes
+        self.examples = Examples(
+            source, train, image_size, self.resize_size, self.seed, reduced_decode and train
+        )
+        self._process_workers: ProcessWorkers | None = None
+        self._epochs = 0  # epochs started: only the latest may run on the worker processes
+
+    def close(self) -> None:
+        """End the worker processes (a later epoch starts new ones); nothing to do for threads."""
+        if self._process_workers is not None:
+            self._process_workers.close()
+            self._process_workers = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         if self.train:
@@ -136,68 +187,85 @@ class Loader:
             order = np.concatenate([np.arange(n), np.full(size - n, -1)])
         return order.reshape(len(self), self.batch_size)
 
-    def _fill(
-        self, out: dict[str, np.ndarray], row: int, index: int, epoch: int
-    ) -> BadImage | None:
-        """Decode and transform example `index` into `out[...][row]`; the error if it is bad."""
-        try:
-            image, label = self.source.example(int(index))
-            if self.train:
-                rng = np.random.default_rng((self.seed, epoch, _AUGMENT_STREAM, int(index)))
-                out["image"][row] = random_resized_crop_flip(image, self.image_size, rng)
-            else:
-                out["image"][row] = eval_transform_uint8(image, self.image_size, self.resize_size)
-        except BadImage as e:
-            return e
-        out["label"][row], out["mask"][row] = label, True
-        return None
+    def _workers(self) -> ThreadWorkers | ProcessWorkers:
+        """This epoch's threads, or the worker processes (started on first use)."""
+        shape = (self.local_batch_size, self.image_size, self.image_size, 3)
+        slots = self.prefetch + 1  # the batches in flight
+        if not self.processes:
+            return ThreadWorkers(self.examples, self.workers, slots, shape)
+        if self._process_workers is None or self._process_workers.closed:
+            self._process_workers = ProcessWorkers(self.examples, self.workers, slots, shape)
+            weakref.finalize(self, self._process_workers.close)  # also runs at exit
+        self._process_workers.end_epoch()  # the tasks of an earlier epoch left open, if any
+        return self._process_workers
 
     def _submit(
-        self, pool: ThreadPoolExecutor, rows: np.ndarray, epoch: int
-    ) -> tuple[dict[str, np.ndarray], list[Future]]:
-        b, size = self.local_batch_size, self.image_size
-        out = {
-            "image": np.zeros((b, size, size, 3), np.uint8),
-            "label": np.zeros(b, np.int32),
-            "mask": np.zeros(b, bool),
-        }
-        futures = [pool.submit(self._fill, out, r, i, epoch) for r, i in enumerate(rows) if i >= 0]
-        return out, futures
+        self, workers: ThreadWorkers | ProcessWorkers, slot: int, indices: np.ndarray, epoch: int
+    ) -> list[tuple[list[int], Any]]:
+        """Hand the real rows of one batch to the workers in about one chunk per worker:
+        [(rows, task)]."""
+        rows = [r for r, i in enumerate(indices) if i >= 0]
+        size = math.ceil(len(indices) / self.workers)
+        chunks = [rows[k : k + size] for k in range(0, len(rows), size)]
+        return [(c, workers.submit(slot, c, [int(indices[r]) for r in c], epoch)) for c in chunks]
+
+    def _collect(
+        self, workers: ThreadWorkers | ProcessWorkers, slot: int, tasks: list[tuple[list[int], Any]]
+    ) -> dict[str, np.ndarray]:
+        """The finished batch in `slot`; padding rows and unreadable images are zeros, mask False."""
+        b = self.local_batch_size
+        batch = {"label": np.zeros(b, np.int32), "mask": np.zeros(b, bool)}
+        for rows, task in tasks:
+            for row, outcome in zip(rows, workers.result(task)):
+                if isinstance(outcome, BadImage):
+                    self._skip(outcome)
+                else:
+                    batch["label"][row], batch["mask"][row] = outcome, True
+        batch["image"] = workers.take(slot)
+        batch["image"][~batch["mask"]] = 0
+        return batch
+
+    def _skip(self, error: BadImage) -> None:
+        self.skipped += 1
+        if self.on_skip is not None:
+            self.on_skip(error)
+        else:
+            log.warning("Skipped an unreadable image: %s", error)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield this process's batches `start`.. of epoch `epoch` (see `indices` for the order).
 
         Each batch is {"image": uint8 (b, H, W, 3), "label": int32 (b,), "mask": bool (b,)};
-        padding rows and unreadable images are zeros with mask False.
+        padding rows and unreadable images are zeros with mask False. With worker processes,
+        starting an epoch ends the loader's previous one.
         """
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         b, p = self.local_batch_size, self.process_index
         rows = self.indices(epoch)[start:, p * b : (p + 1) * b]
         self.skipped = 0
+        self._epochs += 1
+        this_epoch = self._epochs
         is_finalizing = sys.is_finalizing  # a local survives interpreter teardown; `sys` not
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="resnet_jax-data")
-        pending: list[tuple[dict[str, np.ndarray], list[Future]]] = []
+        workers = self._workers()
+        pending: deque[tuple[int, list]] = deque()  # (slot, tasks) of the batches in flight
         try:
             for k in range(len(rows)):
-                # Keep `prefetch` batches queued behind the one being handed out.
+                if self._epochs != this_epoch:
+                    raise RuntimeError("another epoch of this Loader started; run one at a time")
+                # Keep `prefetch` batches in flight behind the one being handed out.
                 while len(pending) <= self.prefetch and k + len(pending) < len(rows):
-                    pending.append(self._submit(pool, rows[k + len(pending)], epoch))
-                out, futures = pending.pop(0)
-                for future in futures:
-                    if (error := future.result()) is not None:
-                        self.skipped += 1
-                        if self.on_skip is not None:
-                            self.on_skip(error)
-                        else:
-                            log.warning("Skipped an unreadable image: %s", error)
-                yield out
+                    n = k + len(pending)
+                    slot = n % (self.prefetch + 1)
+                    pending.append((slot, self._submit(workers, slot, rows[n], epoch)))
+                slot, tasks = pending.popleft()
+                yield self._collect(workers, slot, tasks)
         finally:
             # Runs when the epoch ends and when the consumer stops early (generator closed). A
             # generator still referenced at interpreter exit is closed after the modules are torn
-            # down; concurrent.futures has stopped its threads by then, so there is nothing to do.
-            if not is_finalizing():
-                pool.shutdown(wait=True, cancel_futures=True)
+            # down; the threads have stopped and the processes been closed by then.
+            if not is_finalizing() and self._epochs == this_epoch:
+                workers.end_epoch()
         if self.skipped and self.on_skip is None:
             log.warning(
                 "%d unreadable image(s) skipped in epoch %d; see the warnings above.",
