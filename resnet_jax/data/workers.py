@@ -157,6 +157,10 @@ class ProcessWorkers:
         self._owner: dict[int, _Worker] = {}  # task -> the worker it was sent to
         self._next = 0
 
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
     def submit(self, slot: int, rows: list[int], indices: list[int], epoch: int) -> int:
         task = self._next
         self._next += 1

@@ -154,6 +154,7 @@ def train(config: TrainConfig) -> TrainResult:
             )
             print_once(epoch_line(record))
     finally:
+        data.close()
         tb.close()
         if ckpts is not None:
             ckpts.close()  # waits for the last (asynchronous) checkpoint write
@@ -214,10 +215,19 @@ class _TrainValBatches:
             "workers": config.workers,
             "process_index": jax.process_index(),
             "process_count": jax.process_count(),
+            "processes": not config.worker_threads,
         }
-        self.train_loader = Loader(train, train=True, **common)
+        self.train_loader = Loader(
+            train, train=True, reduced_decode=not config.full_decode, **common
+        )
         self.val_loader = Loader(val, train=False, **common)
         self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
+
+    def close(self) -> None:
+        """End the loaders' worker processes."""
+        if not self.config.synthetic:
+            self.train_loader.close()
+            self.val_loader.close()
 
     def metadata(self) -> ModelMetadata | None:
         """What best.msgpack records: the classes, and the eval transform of `val`."""
