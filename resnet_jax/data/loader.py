@@ -103,7 +103,8 @@ class Loader:
     `steps.eval_logits`. `on_skip` gets each unreadable image (default: a logged warning).
 
     `processes`: decode in worker processes (`data.workers`), started at the first epoch and
-    kept until `close()`, instead of threads started for each epoch. `reduced_decode`: training
+    kept until `close()` (or `with Loader(...)`), instead of threads started for each epoch;
+    POSIX systems only, threads elsewhere. `reduced_decode`: training
     crops of JPEGs decoded at 1/2, 1/4 or 1/8 size where the crop allows
     (`transforms.reduced_resized_crop`); False decodes in full, bit-identical to torchvision.
     """
@@ -150,7 +151,7 @@ class Loader:
         # The eval resize before the centre crop (default: in ImageNet's 256/224 proportion).
         self.resize_size = eval_size(image_size) if resize_size is None else resize_size
         self.on_skip = on_skip
-        self.processes = processes
+        self.processes = processes and os.name == "posix"  # workers inherit descriptors
         self.examples = Examples(
             source, train, image_size, self.resize_size, self.seed, reduced_decode and train
         )
@@ -248,10 +249,11 @@ class Loader:
         this_epoch = self._epochs
         is_finalizing = sys.is_finalizing  # a local survives interpreter teardown; `sys` not
         workers = self._workers()
+        shared = workers is self._process_workers  # kept across epochs, one epoch at a time
         pending: deque[tuple[int, list]] = deque()  # (slot, tasks) of the batches in flight
         try:
             for k in range(len(rows)):
-                if self._epochs != this_epoch:
+                if shared and self._epochs != this_epoch:
                     raise RuntimeError("another epoch of this Loader started; run one at a time")
                 # Keep `prefetch` batches in flight behind the one being handed out.
                 while len(pending) <= self.prefetch and k + len(pending) < len(rows):
@@ -264,7 +266,7 @@ class Loader:
             # Runs when the epoch ends and when the consumer stops early (generator closed). A
             # generator still referenced at interpreter exit is closed after the modules are torn
             # down; the threads have stopped and the processes been closed by then.
-            if not is_finalizing() and self._epochs == this_epoch:
+            if not is_finalizing() and (not shared or self._epochs == this_epoch):
                 workers.end_epoch()
         if self.skipped and self.on_skip is None:
             log.warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from resnet_jax.data.transforms import BadImage
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.memory import reuse_freed_blocks
 
-__all__ = ["Examples", "ProcessWorkers", "ThreadWorkers", "fill", "serve"]
+__all__ = ["Job", "ProcessWorkers", "ThreadWorkers", "fill", "serve"]
 
 Outcome = int | BadImage  # a row's label, or why it has none
 
@@ -39,14 +40,15 @@ _QUEUED_PER_WORKER = 2  # tasks sent ahead, so that a worker never waits for the
 _EXIT_TIMEOUT_S = 10.0
 
 
-class Examples(Protocol):
-    """What a worker runs: example `index` of `epoch` as (uint8 HWC image, label)."""
+class Job(Protocol):
+    """What a worker runs (`loader.Examples`): example `index` of `epoch` as (uint8 HWC image,
+    label), or BadImage."""
 
     def get(self, index: int, epoch: int) -> tuple[np.ndarray, int]: ...
 
 
 def fill(
-    examples: Examples, images: np.ndarray, rows: Sequence[int], indices: Sequence[int], epoch: int
+    examples: Job, images: np.ndarray, rows: Sequence[int], indices: Sequence[int], epoch: int
 ) -> list[Outcome]:
     """Write example `indices[k]` into `images[rows[k]]`; each row's label or BadImage."""
     outcomes: list[Outcome] = []
@@ -63,9 +65,7 @@ def fill(
 class ThreadWorkers:
     """Threads of this process, for one epoch; `end_epoch` stops them."""
 
-    def __init__(
-        self, examples: Examples, count: int, slots: int, batch_shape: tuple[int, ...]
-    ) -> None:
+    def __init__(self, examples: Job, count: int, slots: int, batch_shape: tuple[int, ...]) -> None:
         self.examples = examples
         self._images = [np.empty(batch_shape, np.uint8) for _ in range(slots)]
         self._pool = ThreadPoolExecutor(count, thread_name_prefix="resnet_jax-data")
@@ -105,15 +105,18 @@ class _Worker:
 
     def died(self) -> UserError:
         code = self.process.wait()
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited ({code})"
+        if code < 0:
+            return UserError(
+                f"A data-loading worker process was killed by {signal.Signals(-code).name}, "
+                "perhaps for lack of memory; lower --workers or --batch-size."
+            )
         return UserError(
-            f"A data-loading worker process {how}, perhaps for lack of memory; lower --workers "
-            "or --batch-size."
+            f"A data-loading worker process stopped with exit status {code} (its error is "
+            "above); pass --worker-threads to decode in the training process instead."
         )
 
-    def stop(self) -> None:
-        """Close the task pipe, which ends the worker once its task is done."""
-        self.tasks.close()
+    def join(self) -> None:
+        """Wait for the worker to end (its task pipe closed), killing it after a while."""
         try:
             self.process.wait(_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -128,9 +131,7 @@ class ProcessWorkers:
     They stay for many epochs; `end_epoch` only waits for the tasks in flight, `close` ends them.
     """
 
-    def __init__(
-        self, examples: Examples, count: int, slots: int, batch_shape: tuple[int, ...]
-    ) -> None:
+    def __init__(self, examples: Job, count: int, slots: int, batch_shape: tuple[int, ...]) -> None:
         shape = (slots, *batch_shape)
         size = int(np.prod(shape))
         self.closed = False
@@ -146,15 +147,22 @@ class ProcessWorkers:
         self.images = np.ndarray(shape, np.uint8, buffer=self._memory)
         self._workers: list[_Worker] = []
         try:
+            job = pickle.dumps((examples, shape))  # once: a source may list a million files
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            self.close()
+            raise UserError(
+                f"The images' source cannot be sent to worker processes ({e}); pass "
+                "--worker-threads to decode in this process."
+            ) from e
+        try:
             for _ in range(count):
                 self._workers.append(_Worker(self._memory_fd))
-                self._workers[-1].tasks.send((examples, shape))
+                self._workers[-1].tasks.send_bytes(job)
         except BaseException:
             self.close()
             raise
         self._queue: deque[tuple[int, tuple]] = deque()  # tasks not sent yet
         self._done: dict[int, list[Outcome]] = {}
-        self._owner: dict[int, _Worker] = {}  # task -> the worker it was sent to
         self._next = 0
 
     @property
@@ -189,7 +197,9 @@ class ProcessWorkers:
             return
         self.closed = True
         for worker in self._workers:
-            worker.stop()
+            worker.tasks.close()  # each ends once its current task is done
+        for worker in self._workers:
+            worker.join()
         self._workers = []
         self.images = np.empty((0,), np.uint8)  # the mmap cannot close while viewed
         self._memory.close()

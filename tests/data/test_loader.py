@@ -240,3 +240,11 @@ def test_a_killed_worker_process_is_a_user_error():
     assert loader._process_workers.closed  # the others are ended too
     with Loader(JaxProbe(4), 2, train=False, image_size=8, processes=True) as healthy:
         assert len(batches(healthy)) == 2
+
+
+def test_a_source_worker_processes_cannot_receive_is_a_user_error(folder):
+    train, _, _ = folder
+    train.lock = threading.Lock()  # cannot be pickled
+    loader = Loader(train, 2, train=True, image_size=16, processes=True)
+    with pytest.raises(UserError, match=r"cannot be sent to worker processes .*--worker-threads"):
+        next(loader.epoch(0))
