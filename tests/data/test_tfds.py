@@ -131,3 +131,9 @@ def test_tf_flowers_prepares_and_reads_without_tensorflow(tmp_path, monkeypatch,
     assert sorted(labels) == [c for c in range(5) for _ in range(4)]
     (batch,) = batches(Loader(val, 2, train=False, image_size=16, workers=1))
     assert batch["mask"].all()
+    # Worker processes get the records' source pickled (array_record reopens its files).
+    threads = batches(Loader(train, 6, train=True, image_size=16, workers=1))
+    with Loader(train, 6, train=True, image_size=16, workers=2, processes=True) as loader:
+        for ours, theirs in zip(batches(loader), threads, strict=True):
+            np.testing.assert_array_equal(ours["image"], theirs["image"])
+            np.testing.assert_array_equal(ours["label"], theirs["label"])
