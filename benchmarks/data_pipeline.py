@@ -39,6 +39,13 @@ from torchvision import transforms as tv
 
 from resnet_jax.data.loader import Loader
 from resnet_jax.data.sources import ImageFolderSource, find_image_files, open_image_folder
+from resnet_jax.data.transforms import (
+    load_rgb,
+    open_image,
+    reduced_resized_crop,
+    resized_crop,
+    sample_crop,
+)
 from resnet_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -91,6 +98,11 @@ def subset(source: ImageFolderSource, limit: int | None) -> ImageFolderSource:
     return ImageFolderSource(sorted(samples), source.classes)
 
 
+def warm_page_cache(source: ImageFolderSource) -> None:
+    for path, _ in source.samples:
+        Path(path).read_bytes()
+
+
 def cpu_seconds() -> float:
     """CPU time of this process, its live children and the children it has reaped."""
     me, reaped = (
@@ -115,13 +127,13 @@ def measure(run: Callable[[], int]) -> tuple[float, float]:
 
 
 def ours(loader: Loader) -> Callable[[], int]:
-    """One epoch of `loader` per call, after one untimed (worker start, page cache, allocator)."""
+    """One epoch of `loader` per call; the worker processes start now, untimed."""
     epochs = iter(range(10**9))
+    next(loader.epoch(next(epochs)))  # the generator is dropped: the epoch ends early
 
     def run() -> int:
         return sum(int(batch["mask"].sum()) for batch in loader.epoch(next(epochs)))
 
-    run()
     return run
 
 
@@ -150,8 +162,35 @@ def torchvision_side(
     def run() -> int:
         return sum(len(images) for images, _ in loader)
 
-    run()
     return run
+
+
+def fidelity(source: ImageFolderSource, size: int, crops: int) -> None:
+    """How far reduced decoding moves a training crop from torchvision's crop of the same box."""
+    rng = np.random.default_rng(0)
+    differences, reduced = [], 0
+    for k in range(crops):
+        path = source.samples[k % len(source)][0]
+        full = load_rgb(path)
+        box = sample_crop(full.height, full.width, rng)
+        want = resized_crop(full, box, size).astype(np.float64)  # torchvision's pixels
+        image = open_image(path)
+        got = reduced_resized_crop(image, box, size)
+        if image.size != full.size:  # decoded at reduced size
+            reduced += 1
+            differences.append(np.abs(got - want))
+    if not differences:
+        print(f"reduced decode: none of {crops} crops could be decoded at reduced size")
+        return
+    mse = np.array([np.mean(d**2) for d in differences])
+    psnr = 10 * np.log10(255**2 / np.maximum(mse, 1e-12))
+    print(
+        f"reduced decode vs torchvision's crop of the same box: {reduced} of {crops} crops "
+        f"decoded at reduced size; |difference| mean {np.mean([d.mean() for d in differences]):.2f}, "
+        f"max {max(d.max() for d in differences):.0f} (of 255); PSNR mean {psnr.mean():.1f} dB, "
+        f"min {psnr.min():.1f} dB",
+        flush=True,
+    )
 
 
 def compare(name: str, folder: str, source: ImageFolderSource, train: bool, args) -> None:
@@ -214,6 +253,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B C alternations per setting")
     parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     parser.add_argument("--quick", action="store_true", help="only ours and torchvision")
+    parser.add_argument(
+        "--fidelity", type=int, default=200, metavar="N",
+        help="first compare N reduced-decode training crops with torchvision's (0: skip)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)  # collation in the main process; workers use one thread each
 
@@ -234,9 +277,12 @@ def main() -> None:
             flush=True,
         )
         name = root.name
+        if args.fidelity:
+            fidelity(subset(train_source, args.limit), args.image_size, args.fidelity)
         for mode in args.modes:
             train = mode == "train"
             source = subset(train_source if train else val_source, args.limit)
+            warm_page_cache(source)
             compare(name, str(root / ("train" if train else "val")), source, train, args)
 
 

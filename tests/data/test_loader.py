@@ -248,3 +248,22 @@ def test_a_source_worker_processes_cannot_receive_is_a_user_error(folder):
     loader = Loader(train, 2, train=True, image_size=16, processes=True)
     with pytest.raises(UserError, match=r"cannot be sent to worker processes .*--worker-threads"):
         next(loader.epoch(0))
+
+
+def test_eval_batches_of_jpegs_stay_bit_identical_to_torchvision(tmp_path):
+    """Reduced decoding is for training crops only: eval decodes in full, in every worker."""
+    from torchvision import transforms as tv
+    from torchvision.datasets.folder import pil_loader
+
+    make_folder(tmp_path / "train", {"a": 2, "b": 2}, ext=".jpg")
+    make_folder(tmp_path / "val", {"a": 3, "b": 3}, ext=".jpg", seed=50)
+    for path in (tmp_path / "val").rglob("*.jpg"):  # photos large enough for a 1/8 decode
+        pil_loader(path).resize((400, 300)).save(path, quality=90)
+    _, val, _ = open_datasets(str(tmp_path))
+    reference = tv.Compose([tv.Resize(37), tv.CenterCrop(32)])
+    want = np.stack([np.asarray(reference(pil_loader(path))) for path, _ in val.samples])
+    for processes in (False, True):
+        with Loader(val, 3, train=False, image_size=32, workers=2, processes=processes) as loader:
+            assert loader.examples.reduced_decode is False
+            got = np.concatenate([b["image"] for b in batches(loader)])
+        np.testing.assert_array_equal(got, want)
