@@ -1,4 +1,5 @@
-"""glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in.
+"""glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in
+(and data workers their image buffers: `reuse_freed_blocks`).
 
 XLA:CPU allocates the temporaries of each run of a compiled function (1.4 GB for a ResNet-50
 train step at batch 16) with malloc on its worker threads and frees them afterwards. glibc
