@@ -61,7 +61,7 @@ def reuse_freed_blocks(limit: int = 32 << 20) -> bool:
     memory at its top; True when applied (as `keep_freed_memory`: glibc, not switched off).
 
     For data-loading processes: glibc maps each image-sized buffer afresh and unmaps it on free,
-    so every image would fault its buffers in again (a quarter of a worker's CPU time).
+    so every image would fault its buffers in again.
     """
     libc = _glibc()
     settings = ((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
