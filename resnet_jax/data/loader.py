@@ -1,26 +1,31 @@
 """Sources (image folders or tfds) -> shuffled, sharded, prefetched uint8 batches.
 
 The order of an epoch and every random crop depend only on (seed, epoch, example index, copy),
-never on the number of worker threads, so a run resumed at batch k sees exactly what it would
+never on the number or kind of workers, so a run resumed at batch k sees exactly what it would
 have seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import sys
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Self
 
 import numpy as np
 
 from resnet_jax.data.sources import Source, open_image_folder
 from resnet_jax.data.train_transform import TrainTransform
 from resnet_jax.data.transforms import BadImage, eval_size, eval_transform_uint8
+from resnet_jax.data.workers import ProcessWorkers, ThreadWorkers
 from resnet_jax.runtime.errors import UserError
 
-__all__ = ["Loader", "default_workers", "open_datasets"]
+__all__ = ["Examples", "Loader", "default_workers", "open_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +61,52 @@ def open_datasets(
 
 
 def default_workers() -> int:
-    """One decoding thread per CPU core this process may use, at most 16."""
+    """One decoding worker per CPU core this process may use."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    # A guess, not measured beyond 2 cores: the GIL-held Python glue around each image limits
-    # what threads past 16 could add.
-    return min(cores, 16)
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """How copy `copy` of example `index` in epoch `epoch` becomes (uint8 HWC image, label):
+    what the workers run, picklable for worker processes."""
+
+    source: Source
+    train: bool
+    image_size: int
+    resize_size: int
+    seed: int
+    transform: TrainTransform
+    reduced_decode: bool
+
+    def get(self, index: int, copy: int, epoch: int) -> tuple[np.ndarray, int]:
+        if not self.train:
+            image, label = self.source.example(index)
+            return eval_transform_uint8(image, self.image_size, self.resize_size), label
+        image, label = self.source.example(index, lazy=self.reduced_decode)
+        # Copy 0 keeps the seeds of a run without repeated augmentation.
+        rng = np.random.default_rng(
+            (self.seed, epoch, _AUGMENT_STREAM, index) + ((copy,) if copy else ())
+        )
+        return self.transform(image, self.image_size, rng, self.reduced_decode), label
 
 
 class Loader:
-    """Batches of uint8 NHWC images for one process, decoded by a thread pool.
+    """Batches of uint8 NHWC images for one process, decoded by `workers` threads or processes.
 
     With `train=False` it makes the validation batches and `inference.Predictor`'s batches
     alike: `eval_transform_uint8(image, image_size, resize_size)`, normalised on the device by
     `steps.eval_logits`. With `train=True` each image goes through `transform` (default: the
     ImageNet RandomResizedCrop + flip), `repeats` times per epoch (see `indices`). `on_skip`
     gets each unreadable image (default: a logged warning).
+
+    `processes`: decode in worker processes (`data.workers`), started at the first epoch and
+    kept until `close()` (or `with Loader(...)`), instead of threads started for each epoch;
+    POSIX systems only, threads elsewhere. `reduced_decode`: random resized training crops of
+    JPEGs decoded at 1/2, 1/4 or 1/8 size where the crop allows
+    (`transforms.reduced_resized_crop`); False decodes in full, bit-identical to torchvision.
     """
 
     def __init__(
@@ -92,6 +125,8 @@ class Loader:
         on_skip: Callable[[BadImage], None] | None = None,
         transform: TrainTransform | None = None,
         repeats: int = 1,
+        processes: bool = False,
+        reduced_decode: bool = True,
     ) -> None:
         if batch_size < 1 or batch_size % process_count:
             raise UserError(
@@ -123,6 +158,25 @@ class Loader:
         # The eval resize before the centre crop (default: in ImageNet's 256/224 proportion).
         self.resize_size = eval_size(image_size) if resize_size is None else resize_size
         self.on_skip = on_skip
+        self.processes = processes and os.name == "posix"  # workers inherit descriptors
+        self.examples = Examples(
+            source, train, image_size, self.resize_size, self.seed, self.transform,
+            reduced_decode and train,
+        )  # fmt: skip
+        self._process_workers: ProcessWorkers | None = None
+        self._epochs = 0  # epochs started: only the latest may run on the worker processes
+
+    def close(self) -> None:
+        """End the worker processes (a later epoch starts new ones); nothing to do for threads."""
+        if self._process_workers is not None:
+            self._process_workers.close()
+            self._process_workers = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         if self.train:
@@ -157,79 +211,94 @@ class Loader:
             copy = copy.reshape(dealt).transpose(0, 2, 1)
         return index.reshape(shape), copy.reshape(shape)
 
-    def _augment_rng(self, epoch: int, index: int, copy: int) -> np.random.Generator:
-        """The Generator of one image's crop and augmentations; copy 0 keeps the original seeds."""
-        key = (self.seed, epoch, _AUGMENT_STREAM, index) + ((copy,) if copy else ())
-        return np.random.default_rng(key)
-
-    def _fill(
-        self, out: dict[str, np.ndarray], row: int, index: int, copy: int, epoch: int
-    ) -> BadImage | None:
-        """Decode and transform copy `copy` of example `index` into `out[...][row]`; the error if
-        the image is bad."""
-        try:
-            image, label = self.source.example(int(index))
-            if self.train:
-                rng = self._augment_rng(epoch, int(index), int(copy))
-                out["image"][row] = self.transform(image, self.image_size, rng)
-            else:
-                out["image"][row] = eval_transform_uint8(image, self.image_size, self.resize_size)
-        except BadImage as e:
-            return e
-        out["label"][row], out["mask"][row] = label, True
-        return None
+    def _workers(self) -> ThreadWorkers | ProcessWorkers:
+        """This epoch's threads, or the worker processes (started on first use)."""
+        shape = (self.local_batch_size, self.image_size, self.image_size, 3)
+        slots = self.prefetch + 1  # the batches in flight
+        if not self.processes:
+            return ThreadWorkers(self.examples, self.workers, slots, shape)
+        if self._process_workers is None or self._process_workers.closed:
+            self._process_workers = ProcessWorkers(self.examples, self.workers, slots, shape)
+            weakref.finalize(self, self._process_workers.close)  # also runs at exit
+        self._process_workers.end_epoch()  # the tasks of an earlier epoch left open, if any
+        return self._process_workers
 
     def _submit(
-        self, pool: ThreadPoolExecutor, rows: np.ndarray, copies: np.ndarray, epoch: int
-    ) -> tuple[dict[str, np.ndarray], list[Future]]:
-        b, size = self.local_batch_size, self.image_size
-        out = {
-            "image": np.zeros((b, size, size, 3), np.uint8),
-            "label": np.zeros(b, np.int32),
-            "mask": np.zeros(b, bool),
-        }
-        futures = [
-            pool.submit(self._fill, out, r, i, c, epoch)
-            for r, (i, c) in enumerate(zip(rows, copies))
-            if i >= 0
+        self,
+        workers: ThreadWorkers | ProcessWorkers,
+        slot: int,
+        indices: np.ndarray,
+        copies: np.ndarray,
+        epoch: int,
+    ) -> list[tuple[list[int], Any]]:
+        """Hand the real rows of one batch to the workers in about one chunk per worker:
+        [(rows, task)]."""
+        rows = [r for r, i in enumerate(indices) if i >= 0]
+        size = math.ceil(len(indices) / self.workers)
+        chunks = [rows[k : k + size] for k in range(0, len(rows), size)]
+        return [
+            (c, workers.submit(slot, c, [(int(indices[r]), int(copies[r])) for r in c], epoch))
+            for c in chunks
         ]
-        return out, futures
+
+    def _collect(
+        self, workers: ThreadWorkers | ProcessWorkers, slot: int, tasks: list[tuple[list[int], Any]]
+    ) -> dict[str, np.ndarray]:
+        """The finished batch in `slot`; padding rows and unreadable images are zeros, mask False."""
+        b = self.local_batch_size
+        batch = {"label": np.zeros(b, np.int32), "mask": np.zeros(b, bool)}
+        for rows, task in tasks:
+            for row, outcome in zip(rows, workers.result(task)):
+                if isinstance(outcome, BadImage):
+                    self._skip(outcome)
+                else:
+                    batch["label"][row], batch["mask"][row] = outcome, True
+        batch["image"] = workers.take(slot)
+        batch["image"][~batch["mask"]] = 0
+        return batch
+
+    def _skip(self, error: BadImage) -> None:
+        self.skipped += 1
+        if self.on_skip is not None:
+            self.on_skip(error)
+        else:
+            log.warning("Skipped an unreadable image: %s", error)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield this process's batches `start`.. of epoch `epoch` (see `indices` for the order).
 
         Each batch is {"image": uint8 (b, H, W, 3), "label": int32 (b,), "mask": bool (b,)};
-        padding rows and unreadable images are zeros with mask False.
+        padding rows and unreadable images are zeros with mask False. With worker processes,
+        starting an epoch ends the loader's previous one.
         """
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         b, p = self.local_batch_size, self.process_index
         rows, copies = (a[start:, p * b : (p + 1) * b] for a in self._rows(epoch))
         self.skipped = 0
+        self._epochs += 1
+        this_epoch = self._epochs
         is_finalizing = sys.is_finalizing  # a local survives interpreter teardown; `sys` not
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="resnet_jax-data")
-        pending: list[tuple[dict[str, np.ndarray], list[Future]]] = []
+        workers = self._workers()
+        shared = workers is self._process_workers  # kept across epochs, one epoch at a time
+        pending: deque[tuple[int, list]] = deque()  # (slot, tasks) of the batches in flight
         try:
             for k in range(len(rows)):
-                # Keep `prefetch` batches queued behind the one being handed out.
+                if shared and self._epochs != this_epoch:
+                    raise RuntimeError("another epoch of this Loader started; run one at a time")
+                # Keep `prefetch` batches in flight behind the one being handed out.
                 while len(pending) <= self.prefetch and k + len(pending) < len(rows):
-                    j = k + len(pending)
-                    pending.append(self._submit(pool, rows[j], copies[j], epoch))
-                out, futures = pending.pop(0)
-                for future in futures:
-                    if (error := future.result()) is not None:
-                        self.skipped += 1
-                        if self.on_skip is not None:
-                            self.on_skip(error)
-                        else:
-                            log.warning("Skipped an unreadable image: %s", error)
-                yield out
+                    n = k + len(pending)
+                    slot = n % (self.prefetch + 1)
+                    pending.append((slot, self._submit(workers, slot, rows[n], copies[n], epoch)))
+                slot, tasks = pending.popleft()
+                yield self._collect(workers, slot, tasks)
         finally:
             # Runs when the epoch ends and when the consumer stops early (generator closed). A
             # generator still referenced at interpreter exit is closed after the modules are torn
-            # down; concurrent.futures has stopped its threads by then, so there is nothing to do.
-            if not is_finalizing():
-                pool.shutdown(wait=True, cancel_futures=True)
+            # down; the threads have stopped and the processes been closed by then.
+            if not is_finalizing() and (not shared or self._epochs == this_epoch):
+                workers.end_epoch()
         if self.skipped and self.on_skip is None:
             log.warning(
                 "%d unreadable image(s) skipped in epoch %d; see the warnings above.",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from resnet_jax.data.transforms import load_rgb
+from resnet_jax.data.transforms import load_rgb, open_image
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write
 
@@ -46,8 +46,12 @@ class Source:
         """A file path or record id, for warnings."""
         raise NotImplementedError
 
-    def example(self, i: int) -> tuple[Image.Image, int]:
-        """(image, label) in one read; tfds records hold both, so they override this."""
+    def example(self, i: int, lazy: bool = False) -> tuple[Image.Image, int]:
+        """(image, label) in one read; tfds records hold both, so they override this.
+
+        `lazy`: the image may come opened but not decoded (`transforms.open_image`), so that a
+        JPEG can still be decoded at reduced size; it is then decoded on first use.
+        """
         return self.load(i), self.label(i)
 
 
@@ -66,6 +70,10 @@ class ImageFolderSource(Source):
 
     def load(self, i: int) -> Image.Image:
         return load_rgb(self.samples[i][0])
+
+    def example(self, i: int, lazy: bool = False) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        return (open_image(path) if lazy else load_rgb(path)), label
 
     def name(self, i: int) -> str:
         return self.samples[i][0]

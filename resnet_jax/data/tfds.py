@@ -34,7 +34,7 @@ class TfdsSource(Source):
     def __len__(self) -> int:
         return len(self.records)
 
-    def example(self, i: int) -> tuple[Image.Image, int]:
+    def example(self, i: int, lazy: bool = False) -> tuple[Image.Image, int]:
         try:
             record = self.records[i]
             array = record["image"]

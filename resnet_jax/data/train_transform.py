@@ -105,15 +105,24 @@ class TrainTransform:
             return AutoAugment(self.policy, interpolation=self.interpolation)
         return None
 
-    def __call__(self, image: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
-        """`image` -> (image_size, image_size, 3) uint8: crop, flip, augmentation, in that order."""
+    def __call__(
+        self,
+        image: Image.Image,
+        image_size: int,
+        rng: np.random.Generator,
+        reduced_decode: bool = False,
+    ) -> np.ndarray:
+        """`image` -> (image_size, image_size, 3) uint8: crop, flip, augmentation, in that order.
+        `reduced_decode`: a random resized crop of a JPEG not yet decoded decodes it at reduced
+        size where the crop allows (`transforms.reduced_resized_crop`)."""
         if self.crop == "pad_crop":
             array = pad_crop_flip(image, image_size, rng, self.padding, self.flip_p)
         else:
             resample = INTERPOLATIONS[self.interpolation]
             array = random_resized_crop_flip(
-                image, image_size, rng, self.scale, self.ratio, self.flip_p, resample
-            )
+                image, image_size, rng, self.scale, self.ratio, self.flip_p, resample,
+                reduced_decode,
+            )  # fmt: skip
         augmentation = self.augmentation()
         if augmentation is None:
             return array

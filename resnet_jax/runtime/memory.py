@@ -1,4 +1,5 @@
-"""glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in.
+"""glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in
+(and data workers their image buffers: `reuse_freed_blocks`).
 
 XLA:CPU allocates the temporaries of each run of a compiled function with malloc on its worker
 threads and frees them afterwards. glibc serves blocks that large with a fresh mmap from a
@@ -16,12 +17,19 @@ import os
 import platform
 import sys
 
-__all__ = ["KEEP_MEMORY_ENV", "keep_freed_memory"]
+__all__ = ["KEEP_MEMORY_ENV", "keep_freed_memory", "reuse_freed_blocks"]
 
 KEEP_MEMORY_ENV = "RESNET_JAX_KEEP_MEMORY"  # "0" leaves malloc as it is
 
 # mallopt(3) parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux and RESNET_JAX_KEEP_MEMORY is not 0."""
+    if os.environ.get(KEEP_MEMORY_ENV, "").strip() == "0" or not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
 
 
 def _accelerator_plugin() -> bool:
@@ -40,10 +48,20 @@ def keep_freed_memory() -> bool:
     they have. Applied on Linux with glibc when JAX runs on the CPU, unless RESNET_JAX_KEEP_MEMORY
     is 0. The process then holds on to its peak memory until it exits.
     """
-    if os.environ.get(KEEP_MEMORY_ENV, "").strip() == "0" or not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None or _accelerator_plugin():
         return False
-    if platform.libc_ver()[0] != "glibc" or _accelerator_plugin():
-        return False
-    libc = ctypes.CDLL(None)
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def reuse_freed_blocks(limit: int = 32 << 20) -> bool:
+    """Make glibc malloc serve blocks up to `limit` bytes from the heap and keep that much freed
+    memory at its top; True when applied (as `keep_freed_memory`: glibc, not switched off).
+
+    For data-loading processes: glibc maps each image-sized buffer afresh and unmaps it on free,
+    so every image would fault its buffers in again.
+    """
+    libc = _glibc()
+    settings = ((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
+    return libc is not None and all(libc.mallopt(p, value) == 1 for p, value in settings)

@@ -42,16 +42,23 @@ class TrainValBatches:
             "workers": config.workers,
             "process_index": jax.process_index(),
             "process_count": jax.process_count(),
+            "processes": not config.worker_threads,
         }
         self.train_loader = Loader(
             train, train=True, image_size=config.image_size, transform=train_transform(config),
-            repeats=config.ra_reps, **common,
+            repeats=config.ra_reps, reduced_decode=not config.full_decode, **common,
         )  # fmt: skip
         self.val_loader = Loader(
             val, train=False, image_size=config.eval_crop, resize_size=config.eval_resize,
             **common,
         )  # fmt: skip
         self.steps, self.val_steps = len(self.train_loader), len(self.val_loader)
+
+    def close(self) -> None:
+        """End the loaders' worker processes."""
+        if not self.config.synthetic:
+            self.train_loader.close()
+            self.val_loader.close()
 
     def metadata(self) -> ModelMetadata | None:
         """What best.msgpack records: the classes, and the eval transform of `val`."""
@@ -80,6 +87,6 @@ class TrainValBatches:
 
 
 def _first(batches: Generator[Batch, None, None], n: int) -> Iterator[Batch]:
-    """The first `n` of `batches`, then the generator is closed (its decoding threads stop)."""
+    """The first `n` of `batches`, then the generator is closed (its epoch's decoding stops)."""
     with contextlib.closing(batches):
         yield from itertools.islice(batches, n)

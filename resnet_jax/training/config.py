@@ -248,7 +248,21 @@ class TrainConfig:
         choices=DTYPES,
         defines_run=True,
     )
-    workers: int = option(0, "image decoding threads per process; 0: one per CPU core", minimum=0)
+    workers: int = option(
+        0, "image decoding worker processes (threads with --worker-threads); 0: one per CPU core",
+        minimum=0,
+    )  # fmt: skip
+    worker_threads: bool = option(
+        False,
+        "decode images in threads of the training process instead of worker processes: no "
+        "start-up, but Python's GIL holds them to a few cores' worth",
+    )
+    full_decode: bool = option(
+        False,
+        "decode training JPEGs in full, as torchvision does (bit-identical crops), instead of at "
+        "1/2, 1/4 or 1/8 size where the random crop stays at least --image-size pixels there",
+        defines_run=True,
+    )
     seed: int = option(
         0, "seeds the new head, the data order and the augmentation", defines_run=True
     )

@@ -107,6 +107,7 @@ def train(config: TrainConfig) -> TrainResult:
             )
             print_once(epoch_line(record))
     finally:
+        data.close()
         tb.close()
         if ckpts is not None:
             ckpts.close()  # waits for the last (asynchronous) checkpoint write

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,10 @@ from resnet_jax.data.loader import Loader, open_datasets
 from resnet_jax.data.train_transform import TrainTransform
 from resnet_jax.data.transforms import eval_transform_uint8, random_resized_crop_flip
 from resnet_jax.runtime.errors import UserError
+from tests.data.worker_probe import JaxProbe, Killer
 from tests.helpers import batches, make_folder, photo_like
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def assert_same(a: list[dict], b: list[dict]) -> None:
@@ -128,7 +133,8 @@ def test_batch_size_must_divide_among_processes_and_fit_the_data(folder):
         Loader(train, 16, train=True)
 
 
-def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+@pytest.mark.parametrize("processes", [False, True])
+def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog, processes):
     make_folder(tmp_path, {"a": 4, "b": 4}, ext=".jpg")
     garbage = tmp_path / "a" / "img1.jpg"
     garbage.write_bytes(b"this is not a jpeg")
@@ -139,9 +145,10 @@ def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
         [(str(tmp_path / c / f"img{i}.jpg"), int(c == "b")) for c in "ab" for i in range(4)],
         ["a", "b"],
     )
-    loader = Loader(source, 4, train=False, image_size=16, workers=2)
+    loader = Loader(source, 4, train=False, image_size=16, workers=2, processes=processes)
     with caplog.at_level(logging.WARNING, logger="resnet_jax.data.loader"):
         out = batches(loader)
+    loader.close()
     assert loader.skipped == 2
     masks = np.concatenate([b["mask"] for b in out])
     assert masks.tolist() == [True, False, True, True, True, True, False, True]
@@ -150,7 +157,9 @@ def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
     assert any(str(garbage) in m for m in messages) and any(str(truncated) in m for m in messages)
     assert all("\n" not in m for m in messages)
     assert "2 unreadable image(s) skipped in epoch 0" in messages[-1]
-    batches(Loader(source, 4, train=True, image_size=16, workers=1))  # train skips them too
+    with Loader(source, 4, train=True, image_size=16, workers=1, processes=processes) as train:
+        batches(train)  # train skips them too
+        assert train.skipped >= 1
 
 
 def test_stopping_early_shuts_the_worker_threads_down(folder):
@@ -297,3 +306,90 @@ def test_separate_train_crop_and_eval_resize_and_crop(folder):
     reference = tv.Compose([tv.Resize(232), tv.CenterCrop(224)])
     for i in range(len(val)):
         np.testing.assert_array_equal(images[i], np.asarray(reference(val.load(i))))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_worker_processes_give_the_batches_threads_give(folder, train):
+    source = folder[0] if train else folder[1]
+    want = batches(Loader(source, 3, train=train, image_size=16, seed=7, workers=1), epoch=2)
+    loader = Loader(
+        source, 3, train=train, image_size=16, seed=7, workers=2, prefetch=1, processes=True
+    )
+    with loader:
+        # 4 or 3 batches through a ring of 2 slots; eval's last holds padding after real rows.
+        assert_same(batches(loader, epoch=2), want)
+        pids = loader._process_workers.pids
+        assert_same(batches(loader, epoch=2), want)  # the same processes, another epoch
+        assert loader._process_workers.pids == pids
+    for pid in pids:  # closing ended and reaped them
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_an_epoch_left_open_does_not_disturb_the_next(folder):
+    train, _, _ = folder
+    want = batches(Loader(train, 2, train=True, image_size=16, workers=1), epoch=1)
+    with Loader(train, 2, train=True, image_size=16, workers=2, processes=True) as loader:
+        epoch = loader.epoch(0)
+        next(epoch)
+        epoch.close()  # tasks still in flight: the next epoch must not get their rows
+        assert_same(batches(loader, epoch=1), want)
+        stale = loader.epoch(0)
+        next(stale)
+        assert_same(batches(loader, epoch=1), want)  # starting an epoch ends the open one
+        with pytest.raises(RuntimeError, match="another epoch of this Loader started"):
+            next(stale)
+
+
+def test_worker_processes_import_no_jax_and_exit_quietly():
+    script = (
+        "import jax.numpy as jnp\n"
+        "jnp.zeros(2).block_until_ready()\n"  # JAX's threads now run in this process
+        "from resnet_jax.data.loader import Loader\n"
+        "from tests.data.worker_probe import JaxProbe\n"
+        "loader = Loader(JaxProbe(8), 2, train=False, image_size=8, workers=2, processes=True)\n"
+        "epoch = loader.epoch(0)\n"
+        "print(*next(epoch)['label'])\n"  # exit with the epoch open and work in flight
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.split() == ["0", "0"]  # labelled in the workers: no JAX there
+
+
+def test_a_killed_worker_process_is_a_user_error():
+    loader = Loader(Killer(8, fatal=5), 2, train=False, image_size=8, workers=2, processes=True)
+    with pytest.raises(UserError, match=r"worker process was killed by SIGKILL.*lower --workers"):
+        batches(loader)
+    assert loader._process_workers.closed  # the others are ended too
+    with Loader(JaxProbe(4), 2, train=False, image_size=8, processes=True) as healthy:
+        assert len(batches(healthy)) == 2
+
+
+def test_a_source_worker_processes_cannot_receive_is_a_user_error(folder):
+    train, _, _ = folder
+    train.lock = threading.Lock()  # cannot be pickled
+    loader = Loader(train, 2, train=True, image_size=16, processes=True)
+    with pytest.raises(UserError, match=r"cannot be sent to worker processes .*--worker-threads"):
+        next(loader.epoch(0))
+
+
+def test_eval_batches_of_jpegs_stay_bit_identical_to_torchvision(tmp_path):
+    """Reduced decoding is for training crops only: eval decodes in full, in every worker."""
+    from torchvision import transforms as tv
+    from torchvision.datasets.folder import pil_loader
+
+    make_folder(tmp_path / "train", {"a": 2, "b": 2}, ext=".jpg")
+    make_folder(tmp_path / "val", {"a": 3, "b": 3}, ext=".jpg", seed=50)
+    for path in (tmp_path / "val").rglob("*.jpg"):  # photos large enough for a 1/8 decode
+        pil_loader(path).resize((400, 300)).save(path, quality=90)
+    _, val, _ = open_datasets(str(tmp_path))
+    reference = tv.Compose([tv.Resize(37), tv.CenterCrop(32)])
+    want = np.stack([np.asarray(reference(pil_loader(path))) for path, _ in val.samples])
+    for processes in (False, True):
+        with Loader(val, 3, train=False, image_size=32, workers=2, processes=processes) as loader:
+            assert loader.examples.reduced_decode is False
+            got = np.concatenate([b["image"] for b in batches(loader)])
+        np.testing.assert_array_equal(got, want)

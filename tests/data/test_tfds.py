@@ -161,3 +161,9 @@ def test_cifar10_prepares_and_reads_without_tensorflow(tmp_path, monkeypatch, ht
         np.testing.assert_array_equal(np.asarray(image), want[label])
     (batch,) = batches(Loader(val, 4, train=False, image_size=32, resize_size=32, workers=1))
     assert batch["mask"].all() and batch["image"].shape == (4, 32, 32, 3)
+    # Worker processes get the records' source pickled (array_record reopens its files).
+    threads = batches(Loader(train, 6, train=True, image_size=16, workers=1))
+    with Loader(train, 6, train=True, image_size=16, workers=2, processes=True) as loader:
+        for ours, theirs in zip(batches(loader), threads, strict=True):
+            np.testing.assert_array_equal(ours["image"], theirs["image"])
+            np.testing.assert_array_equal(ours["label"], theirs["label"])

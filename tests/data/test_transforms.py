@@ -283,7 +283,7 @@ def test_load_rgb_rejects_bad_files(tmp_path):
         with pytest.raises(T.BadImage) as info:
             T.load_rgb(tmp_path / name)
         message = str(info.value)
-        assert isinstance(info.value, UserError) and info.value.path == tmp_path / name
+        assert isinstance(info.value, UserError) and str(info.value.path) == str(tmp_path / name)
         assert name in message and "\n" not in message
     assert T.load_rgb(good).size == (64, 64)
 
@@ -318,3 +318,76 @@ def test_eval_resize_beyond_the_pixel_budget_is_a_bad_image(tmp_path):
         T.eval_transform_uint8(T.load_rgb(save_png(tmp_path / "small.png", 8, 8)), 7000)
     assert "small.png" in str(info.value)  # load_rgb's image remembers its file
     assert T.eval_transform_uint8(Image.new("RGB", (8, 8)), 224).shape == (224, 224, 3)
+
+
+def write_photo(path, width: int = 640, height: int = 480, seed: int = 0):
+    """A JPEG of smooth colour fields with a little grain, as photos have."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (15, 20, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    grain = rng.normal(0, 3, (height, width, 1))
+    Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+# (box (i, j, h, w) in the 640x480 photo, the reduction for a 32-px crop: the largest of 8, 4, 2
+# that leaves the box's shorter side at least 32 px). Boxes off the reduced pixel grid, where
+# cropping at whole reduced pixels instead would differ from torchvision's crop by 2-8 levels on
+# average, 4x as much as the fractional box.
+REDUCED_BOXES = [
+    ((0, 0, 480, 640), 8),
+    ((37, 51, 300, 256), 8),
+    ((37, 51, 300, 255), 4),
+    ((101, 13, 200, 150), 4),
+    ((5, 301, 70, 90), 2),
+]
+
+
+@pytest.mark.parametrize("box, factor", REDUCED_BOXES)
+def test_reduced_decode_maps_the_box_into_the_smaller_image(tmp_path, box, factor):
+    path = write_photo(tmp_path / "photo.jpg")
+    image = T.open_image(path)
+    got = T.reduced_resized_crop(image, box, 32)
+    assert image.size == (-(-640 // factor), -(-480 // factor))  # decoded at 1/factor
+    want = np.asarray(
+        tvf.resized_crop(pil_loader(path), *box, [32, 32], tv.InterpolationMode.BILINEAR)
+    )
+    assert got.shape == want.shape == (32, 32, 3) and got.dtype == np.uint8
+    difference = np.abs(got.astype(int) - want)
+    # Another decode and another filter: not bit-identical, but close.
+    assert 0 < difference.mean() < 1.6, difference.mean()
+    assert difference.max() <= 16, difference.max()
+
+
+def test_reduced_decode_falls_back_to_the_exact_crop(tmp_path):
+    """Small boxes, decoded images and non-JPEG files: torchvision's crop, bit for bit."""
+    path = write_photo(tmp_path / "photo.jpg")
+    png = tmp_path / "photo.png"
+    Image.open(path).save(png)
+    full = pil_loader(path)
+    cases = [
+        (T.open_image(path), (10, 10, 63, 200)),  # shorter side under 2 x 32
+        (T.load_rgb(path), (0, 0, 480, 640)),  # already decoded
+        (T.open_image(png), (0, 0, 480, 640)),  # not a JPEG
+    ]
+    for image, box in cases:
+        want = tvf.resized_crop(full, *box, [32, 32], tv.InterpolationMode.BILINEAR)
+        np.testing.assert_array_equal(T.reduced_resized_crop(image, box, 32), np.asarray(want))
+
+
+def test_random_resized_crop_flip_with_reduced_decode_is_close_to_the_full_decode(tmp_path):
+    path = write_photo(tmp_path / "photo.jpg", seed=1)
+    for seed in range(20):
+        full = T.random_resized_crop_flip(T.load_rgb(path), 32, np.random.default_rng(seed))
+        reduced = T.random_resized_crop_flip(
+            T.open_image(path), 32, np.random.default_rng(seed), reduced_decode=True
+        )
+        assert np.abs(reduced.astype(int) - full).mean() < 2  # the same box, the same flip
+
+
+def test_a_truncated_jpeg_fails_when_decoded_at_reduced_size(tmp_path):
+    path = write_photo(tmp_path / "photo.jpg")
+    path.write_bytes(path.read_bytes()[:3000])
+    image = T.open_image(path)  # the header is fine
+    with pytest.raises(T.BadImage, match="photo.jpg is not a readable image"):
+        T.reduced_resized_crop(image, (0, 0, 480, 640), 32)

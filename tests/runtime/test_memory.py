@@ -33,10 +33,10 @@ print(applied, *faults)
 PAGES = (256 << 20) // 4096
 
 
-def run_script(env_value: str, monkeypatch) -> list[str]:
+def run_script(env_value: str, monkeypatch, script: str = SCRIPT) -> list[str]:
     monkeypatch.setenv(memory.KEEP_MEMORY_ENV, env_value)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return out.stdout.split()
 
 
@@ -52,9 +52,41 @@ def test_a_freed_block_is_reused_without_page_faults(monkeypatch):
     assert all(int(f) > PAGES // 2 for f in faults), faults
 
 
+# A data worker's image buffers: blocks of 8 and 12 MB from the main thread, freed after use.
+BLOCKS_SCRIPT = """
+import ctypes, resource
+from resnet_jax.runtime.memory import reuse_freed_blocks
+applied = reuse_freed_blocks()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for size in (8 << 20, 12 << 20, 12 << 20):
+    block = libc.malloc(size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(block, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(block)
+print(applied, *faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_image_sized_blocks_are_reused(monkeypatch):
+    pages = (12 << 20) // 4096
+    applied, *faults = run_script("1", monkeypatch, BLOCKS_SCRIPT)
+    assert applied == "True"
+    assert int(faults[2]) < pages // 100, faults  # the 12 MB block again: no new pages
+    # Without the settings glibc maps blocks this large afresh and unmaps them on free.
+    applied, *faults = run_script("0", monkeypatch, BLOCKS_SCRIPT)
+    assert applied == "False"
+    assert int(faults[2]) > pages // 2, faults
+
+
 def test_left_alone_when_switched_off_or_jax_runs_on_an_accelerator(monkeypatch):
     monkeypatch.setenv(memory.KEEP_MEMORY_ENV, "0")
     assert not memory.keep_freed_memory()
+    assert not memory.reuse_freed_blocks()
     monkeypatch.delenv(memory.KEEP_MEMORY_ENV)
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not memory.keep_freed_memory()
