@@ -1,4 +1,4 @@
-"""TensorBoard event files of a training run, in OUTPUT_DIR/tensorboard/ (no TensorFlow needed).
+"""TensorBoard event files of a training run, in OUTPUT_DIR/tensorboard/ (written by `events`).
 
 Every point sits at an optimizer step: `step/train_loss` (the mean loss since the previous
 point) and `step/learning_rate` every `every` steps, and at each epoch's last step every number
@@ -11,17 +11,19 @@ checkpoint it resumes from, and the resumed run writes them again at the same st
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-
 from resnet_jax.runtime.files import write_error
+from resnet_jax.training.events import (
+    EventFile,
+    image_value,
+    scalar_value,
+    session_start,
+    summary,
+)
 from resnet_jax.training.steps import Totals
 
 __all__ = ["TensorBoard"]
@@ -36,7 +38,7 @@ class TensorBoard:
     ) -> None:
         """`learning_rate(count)`: the schedule, the rate of step `count + 1`."""
         self.directory, self.every, self.learning_rate = directory, every, learning_rate
-        self._writer: EventsWriter | None = None  # opened at the session's first point
+        self._writer: EventFile | None = None  # opened at the session's first point
         self._epoch_start, self._window = 0, (0.0, 0.0)
 
     def start_epoch(self, step: int) -> None:
@@ -80,32 +82,20 @@ class TensorBoard:
     def _write(
         self, step: int, scalars: dict[str, float], images: dict[str, bytes] | None = None
     ) -> None:
-        values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
-        values += [Summary.Value(tag=t, image=_png_image(png)) for t, png in (images or {}).items()]
+        values = [scalar_value(tag, float(v)) for tag, v in scalars.items()]
+        values += [image_value(tag, png) for tag, png in (images or {}).items()]
         try:
-            writer = self._open()
-            writer.write_event(
-                Event(wall_time=time.time(), step=step, summary=Summary(value=values))
-            )
-            writer.flush()  # flushes and fsyncs
+            self._open().write(summary(values), step)  # flushed and fsynced
         except OSError as e:
             raise write_error(self.directory, e) from None
 
-    def _open(self) -> EventsWriter:
+    def _open(self) -> EventFile:
         if self._writer is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             # The name has the second it was opened in; nanoseconds order two in the same second.
-            self._writer = EventsWriter(str(self.directory / "events"), f".{time.time_ns()}")
+            self._writer = EventFile(self.directory, f".{time.time_ns()}")
             # TensorBoard drops the points of earlier files at or after a restart's step: what
             # a stopped run wrote after the checkpoint this session's first epoch starts from
             # (or anything, when it starts again from scratch).
-            restart = SessionLog(status=SessionLog.START)
-            self._writer.write_event(
-                Event(wall_time=time.time(), step=self._epoch_start + 1, session_log=restart)
-            )
+            self._writer.write(session_start(), self._epoch_start + 1)
         return self._writer
-
-
-def _png_image(png: bytes) -> Summary.Image:
-    width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR chunk
-    return Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
