@@ -3,14 +3,15 @@
     python benchmarks/depth.py                       # the table below for the default archs
     python benchmarks/depth.py --archs resnet152 resnet1202 --batch 2
     python benchmarks/depth.py --step-time resnet50 --batch 16 --image-size 224 --steps 20
-    python benchmarks/depth.py --archs resnet1202 --batch 128 --forms scanned
+    python benchmarks/depth.py --archs resnet1202 --batch 128 --forms scanned --remat
 
 Table, per architecture and form ("unscanned": `scan=False`; "scanned": the default, which
 scans the stages with at least `SCAN_MIN_REPEATS` repeated blocks; "all scanned": every stage
 with 2 blocks or more, `SCAN_MIN_REPEATS` set to 1): model creation + `init_variables`
 seconds; trace, lower and compile seconds of train.py's step (Adam, `DataParallel.jit_train_step`) with JAX's
 persistent cache off; the median step seconds after a warm-up step; peak RSS (VmHWM).
-ImageNet models run at `--image-size` (default 64), CIFAR ones at 32 px.
+ImageNet models run at `--image-size` (default 64), CIFAR ones at 32 px. `--remat`: models
+that recompute each block in the backward pass (`ResNet.remat`, train.py's `--remat`).
 
 `--step-time ARCH`: the step seconds of "unscanned" and "all scanned" only, with the CPU
 extension's convolutions and with RESNET_JAX_CONV=xla: both forms compiled in one process and
@@ -43,7 +44,9 @@ def peak_rss_mb() -> float:
     raise RuntimeError("VmHWM not in /proc/self/status (Linux only)")
 
 
-def build(arch: str, form: str, batch: int, size: int) -> tuple[Callable[[], None], dict]:
+def build(
+    arch: str, form: str, batch: int, size: int, remat: bool = False
+) -> tuple[Callable[[], None], dict]:
     """One (architecture, form): timed model creation + init and step compilation; returns a
     function that runs one step to completion, and the timings."""
     import jax
@@ -60,7 +63,7 @@ def build(arch: str, form: str, batch: int, size: int) -> tuple[Callable[[], Non
         scan.SCAN_MIN_REPEATS = FORMS[form]  # read when the step is traced, below
     out: dict = {}
     start = time.perf_counter()
-    model = create_model(arch, scan=form != "unscanned")
+    model = create_model(arch, scan=form != "unscanned", remat=remat)
     variables = init_variables(model)
     out["init_s"] = time.perf_counter() - start
     out["scanned"] = sorted(scan.scanned_stages(model.layers, model.scan))
@@ -99,9 +102,9 @@ def seconds(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def worker(arch: str, form: str, batch: int, size: int, steps: int) -> dict:
+def worker(arch: str, form: str, batch: int, size: int, steps: int, remat: bool) -> dict:
     """Runs in a fresh process: init, compile, step seconds and peak memory of one form."""
-    step, out = build(arch, form, batch, size)
+    step, out = build(arch, form, batch, size, remat)
     step()  # a warm-up
     out["step_s"] = statistics.median(seconds(step) for _ in range(steps))
     out["peak_rss_mb"] = peak_rss_mb()
@@ -144,13 +147,14 @@ def size_of(arch: str, image_size: int) -> int:
 
 def table(args: argparse.Namespace) -> None:
     print(f"batch {args.batch}, ImageNet models at {args.image_size} px, CIFAR ones at 32 px; "
-          f"{os.cpu_count()} CPUs; step: median of {args.steps} after one")  # fmt: skip
+          f"{os.cpu_count()} CPUs; step: median of {args.steps} after one"
+          + ("; remat" if args.remat else ""))  # fmt: skip
     header = ("arch", "form", "scanned", "init s", "trace s", "lower s", "compile s", "step s",
               "peak RSS MB")  # fmt: skip
     print(" | ".join(header))
     for arch in args.archs:
         for form in args.forms:
-            cmd = ["--worker", arch, form, "--batch", str(args.batch), "--image-size",
+            cmd = ["--worker", arch, form, "--batch", str(args.batch), *(["--remat"] * args.remat), "--image-size",
                    str(size_of(arch, args.image_size)), "--steps", str(args.steps)]  # fmt: skip
             r = run_worker(cmd, {})
             if "error" in r:
@@ -186,6 +190,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--step-time", metavar="ARCH")
+    parser.add_argument("--remat", action="store_true", help="models with remat=True")
     parser.add_argument("--worker", nargs=2, metavar=("ARCH", "FORM"), help=argparse.SUPPRESS)
     parser.add_argument("--pair", metavar="ARCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,7 +199,7 @@ def main() -> None:
 
         keep_freed_memory()  # as train.py does, before any JAX computation
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch, args.image_size, args.steps)))
+        print(json.dumps(worker(*args.worker, args.batch, args.image_size, args.steps, args.remat)))
     elif args.pair:
         print(json.dumps(pair_worker(args.pair, args.batch, args.image_size, args.steps)))
     elif args.step_time:

@@ -125,6 +125,7 @@ def _model_and_optimizer(
         dtype=DTYPES[config.dtype],
         frozen_stages=frozen,
         head=config.head,
+        remat=config.remat,
     )
     schedule = run_schedule(config, length)
     return model, make_run_optimizer(config, schedule, frozen), schedule
