@@ -64,13 +64,18 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run(command: Callable[[], int], sizes: str = "while running; close other programs") -> int:
+def run(
+    command: Callable[[], int],
+    sizes: str = "while running; close other programs",
+    program: bool = False,
+) -> int:
     """`command()`'s exit status; a UserError prints `error: <message>` on stderr and gives 1.
 
     Running out of memory is one too: `sizes` names the run's sizes and what to lower (e.g.
-    "evaluating at --batch-size 32; lower it"). Under an address-space limit the command runs in a child
-    process, so that even XLA's C++ aborts end in that line (`runtime.out_of_memory`). Sets
-    malloc up first, before any JAX computation, so that steps reuse their memory
+    "evaluating at --batch-size 32; lower it"). `program`: this process is the command-line
+    program, not a caller in process; then, under an address-space limit, the command runs in a
+    child process so that even XLA's C++ aborts end in that line (`runtime.out_of_memory`).
+    Sets malloc up first, before any JAX computation, so that steps reuse their memory
     (`resnet_jax.runtime.memory`).
     """
     from resnet_jax.runtime import out_of_memory as oom
@@ -80,7 +85,7 @@ def run(command: Callable[[], int], sizes: str = "while running; close other pro
     keep_freed_memory()
 
     try:
-        status = oom.supervise(sizes)
+        status = oom.supervise(sizes) if program else None
         return command() if status is None else status
     except UserError as e:
         # A file's reader met a failed allocation, not a damaged file.

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{config.image_size}; lower either"
     )
     try:
-        return run(command, sizes)
+        return run(command, sizes, program=argv is None)
     except KeyboardInterrupt:
         print("Interrupted; continue with the same command plus --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -127,8 +127,10 @@ def _wait_for(pid: int, what: str) -> int:
     # Ctrl-C reaches the child from the terminal itself; the child reports it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in _DEATHS:
-        name = signal.Signals(os.WTERMSIG(status)).name
-        print(f"error: {out_of_memory_error(what, f' (it died of {name})')}", file=sys.stderr)
-        return 1
-    return os.waitstatus_to_exitcode(status)
+    if not os.WIFSIGNALED(status):
+        return os.waitstatus_to_exitcode(status)
+    if os.WTERMSIG(status) not in _DEATHS:
+        return 128 + os.WTERMSIG(status)  # as a shell reports a killed command
+    name = signal.Signals(os.WTERMSIG(status)).name
+    print(f"error: {out_of_memory_error(what, f' (it died of {name})')}", file=sys.stderr)
+    return 1
