@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = (
         f"training {config.arch} at --batch-size {config.batch_size} and --image-size "
-        f"{config.image_size}; lower either"
+        f"{config.image_size}; lower either (or split batches with --accumulate-steps)"
     )
     try:
         return run(command, sizes, program=argv is None)

@@ -14,12 +14,16 @@ import contextlib
 import ctypes
 import errno
 import os
-import resource
 import signal
 import sys
 import warnings
 
 from resnet_jax.runtime.errors import UserError
+
+try:
+    import resource
+except ImportError:  # Windows: no rlimits
+    resource = None
 
 __all__ = [
     "START_UP_BYTES",
@@ -42,6 +46,8 @@ _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 def address_space_limit() -> int | None:
     """The soft address-space limit in bytes (`ulimit -v`), or None when there is none."""
+    if resource is None:
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     return None if soft == resource.RLIM_INFINITY else soft
 
@@ -106,7 +112,8 @@ def supervise(what: str) -> int | None:
         # numpy's idle OpenBLAS threads are the others; OpenBLAS shuts them down around fork.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
-    # Limits: what the dying child printed (a fatal CHECK, a C++ stack) stays above our line.
+    # Limits: the dying child's own output (a fatal CHECK, a C++ stack) stays above our line,
+    # and under a limit any crash of the child is taken for a failed allocation.
     if pid == 0:
         os.environ[_CHILD_ENV] = "1"
         with contextlib.suppress(OSError, AttributeError):  # die with the parent (kill -9)

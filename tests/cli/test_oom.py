@@ -20,7 +20,10 @@ from tests.helpers import make_train_val_folder
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "4",
         "--epochs", "1", "--workers", "1"]  # fmt: skip
-SIZES = "training resnet18 at --batch-size 4 and --image-size 32; lower either"
+SIZES = (
+    "training resnet18 at --batch-size 4 and --image-size 32; lower either (or split batches "
+    "with --accumulate-steps)"
+)
 # Enough address space to load JAX (runtime.out_of_memory.START_UP_BYTES), far too little to
 # train even this: the 2-core machine needs about 950 MiB, more cores more.
 LIMIT_MIB = 700
