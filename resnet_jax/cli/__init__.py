@@ -97,3 +97,5 @@ def run(
             raise
         print(f"error: {oom.out_of_memory_error(sizes)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        oom.finished()

@@ -4,8 +4,9 @@ Python sees most of it: MemoryError (numpy, and C++'s std::bad_alloc where a bin
 it), ENOMEM from the operating system, and XLA's RESOURCE_EXHAUSTED on CPU or GPU. What it
 cannot see is XLA failing inside C++ under an address-space limit (`ulimit -v`, `prlimit
 --as`): std::bad_alloc on a worker thread aborts the process, a failed thread creation is a
-fatal CHECK, an unchecked failed mapping a segmentation fault. Under such a limit `supervise`
-therefore runs the command in a forked child and reports the child's death in the one line.
+fatal CHECK, an unchecked failed mapping a segmentation fault, libgomp and OpenBLAS exit. Under
+such a limit `supervise` therefore runs the command in a forked child and reports in the one
+line a child that ended without Python ending it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "START_UP_BYTES",
     "address_space_limit",
     "check_address_space",
+    "finished",
     "is_out_of_memory",
     "out_of_memory_error",
     "supervise",
@@ -38,9 +40,10 @@ __all__ = [
 # SystemError: measured with `prlimit --as`); the smallest runs of the commands need more.
 START_UP_BYTES = 512 << 20
 
-# How a process dies when C++ code runs out of address space (abort, fatal CHECK, bad mapping).
-_DEATHS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS}
+# Signals that stop a command on purpose (a user, a scheduler), not a failed allocation.
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL}
 _CHILD_ENV = "RESNET_JAX_SUPERVISED"  # set in the child, which must not fork again
+_finished_fd: int | None = None  # in a supervised child: the pipe `finished` writes to
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -101,13 +104,16 @@ def check_address_space() -> None:
 
 
 def supervise(what: str) -> int | None:
-    """Under an address-space limit, fork: the child gets None and runs the command; the parent
-    waits and returns the child's exit status, 1 with `out_of_memory_error(what)`'s line when
-    the child died as C++ code dies of a failed allocation. Without a limit: None, no fork."""
+    """Under an address-space limit, fork: the child gets None and runs the command, then calls
+    `finished`; the parent waits and returns the child's exit status, or 1 with
+    `out_of_memory_error(what)`'s line when the child ended before `finished` (a C++ abort, a
+    native library's exit). Without a limit: None, no fork."""
+    global _finished_fd
     if address_space_limit() is None or os.environ.get(_CHILD_ENV) or not hasattr(os, "fork"):
         return None
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe()  # not inherited by the child's own subprocesses
     with warnings.catch_warnings():
         # numpy's idle OpenBLAS threads are the others; OpenBLAS shuts them down around fork.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -115,14 +121,30 @@ def supervise(what: str) -> int | None:
     # Limits: the dying child's own output (a fatal CHECK, a C++ stack) stays above our line,
     # and under a limit any crash of the child is taken for a failed allocation.
     if pid == 0:
+        os.close(read_end)
+        _finished_fd = write_end
         os.environ[_CHILD_ENV] = "1"
         with contextlib.suppress(OSError, AttributeError):  # die with the parent (kill -9)
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         return None
-    return _wait_for(pid, what)
+    os.close(write_end)
+    try:
+        return _wait_for(pid, read_end, what)
+    finally:
+        os.close(read_end)
 
 
-def _wait_for(pid: int, what: str) -> int:
+def finished() -> None:
+    """In a supervised child: the command ended as Python ends it (a status, its own error
+    line, a traceback), so the parent adds no line. Elsewhere nothing."""
+    global _finished_fd
+    if _finished_fd is not None:
+        os.write(_finished_fd, b".")
+        os.close(_finished_fd)
+        _finished_fd = None
+
+
+def _wait_for(pid: int, finished_fd: int, what: str) -> int:
     """The exit status of child `pid`, passing SIGTERM and SIGHUP on to it."""
 
     def forward(signum: int, _frame: object) -> None:
@@ -134,10 +156,14 @@ def _wait_for(pid: int, what: str) -> int:
     # Ctrl-C reaches the child from the terminal itself; the child reports it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _, status = os.waitpid(pid, 0)
-    if not os.WIFSIGNALED(status):
-        return os.waitstatus_to_exitcode(status)
-    if os.WTERMSIG(status) not in _DEATHS:
-        return 128 + os.WTERMSIG(status)  # as a shell reports a killed command
-    name = signal.Signals(os.WTERMSIG(status)).name
-    print(f"error: {out_of_memory_error(what, f' (it died of {name})')}", file=sys.stderr)
+    code = os.waitstatus_to_exitcode(status)  # -N: killed by signal N
+    os.set_blocking(finished_fd, False)
+    try:
+        ended_in_python = os.read(finished_fd, 1) == b"."
+    except BlockingIOError:  # a grandchild holds the other end
+        ended_in_python = False
+    if ended_in_python or code == 0 or -code in _STOPS:
+        return code if code >= 0 else 128 - code  # as a shell reports a killed command
+    how = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    print(f"error: {out_of_memory_error(what, f' (it {how} in native code)')}", file=sys.stderr)
     return 1

@@ -95,18 +95,23 @@ def test_too_small_a_limit_to_load_jax_is_refused_at_once():
 
 
 @LINUX
-def test_a_supervised_abort_ends_in_the_one_line():
+def test_a_supervised_child_ended_outside_python_ends_in_the_one_line():
     out = run_supervised("os.abort()")
     assert out.returncode == 1
     assert out.stderr == (
         "error: Out of memory under the address-space limit of 65536 MiB (ulimit -v) "
-        f"{SIZES}, or raise the limit (it died of SIGABRT).\n"
+        f"{SIZES}, or raise the limit (it died of SIGABRT in native code).\n"
     )
+    gone = run_supervised("os._exit(1)")  # as libgomp and OpenBLAS exit when they cannot go on
+    assert gone.returncode == 1
+    assert gone.stderr.endswith("raise the limit (it exited with status 1 in native code).\n")
 
 
 @LINUX
 def test_a_supervised_child_keeps_its_exit_status_and_its_own_errors():
     assert run_supervised("print('done') or 2").returncode == 2
+    interrupted = run_supervised("exec('raise KeyboardInterrupt')")
+    assert interrupted.returncode == 130 and "error:" not in interrupted.stderr
     done = run_supervised("print(os.environ.get('RESNET_JAX_SUPERVISED')) or 0")
     assert done.returncode == 0 and done.stdout == "1\n"  # it ran in the child
     failed = run_supervised("fail('Cannot read x.jpg.')")
