@@ -49,7 +49,8 @@ def test_train_under_an_address_space_limit_ends_in_one_line(tmp_path):
     assert lines[-1].startswith(expected + SIZES + ", or raise the limit"), out.stderr
     assert sum(line.startswith("error:") for line in lines) == 1
     assert "Traceback" not in out.stderr
-    assert not list(output.rglob("*.tmp")) if output.exists() else True  # nothing half-written
+    half_written = list(output.rglob(".*.tmp")) if output.exists() else []
+    assert half_written == []
 
 
 @pytest.mark.parametrize(
