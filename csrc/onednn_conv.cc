@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -157,6 +158,11 @@ dnnl::stream& Stream() {
   return stream;
 }
 
+// XLA's status for a failed allocation, which the command lines report as out of memory.
+ffi::Error OutOfMemory() {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN convolution: out of memory");
+}
+
 // Runs one pass. x: NHWC input (or its gradient), kernel: HWIO kernel (or its gradient),
 // y: NHWC output (or its gradient); which of the three is written depends on the pass.
 ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
@@ -189,7 +195,10 @@ ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
     }
     stream.wait();
   } catch (const dnnl::error& e) {
+    if (e.status == dnnl_out_of_memory) return OutOfMemory();
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
+  } catch (const std::bad_alloc&) {  // the scratch buffers, the plan cache
+    return OutOfMemory();
   }
   return ffi::Error::Success();
 }

@@ -19,6 +19,22 @@ __all__ = ["parser_for", "run"]
 EXIT_ERROR = 1  # a UserError: one line on stderr
 
 
+def _refuse_too_little_address_space() -> None:
+    """Exit 1 with the one line when the address-space limit is too small for JAX even to
+    load: the commands import it (train's flags do) before `run` could report anything."""
+    from resnet_jax.runtime.errors import UserError
+    from resnet_jax.runtime.out_of_memory import check_address_space
+
+    try:
+        check_address_space()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+_refuse_too_little_address_space()
+
+
 def _flag_type(hint: Any) -> type:
     """`int` for `int` and `int | None`, and so on."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -48,19 +64,38 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run(command: Callable[[], int]) -> int:
+def run(
+    command: Callable[[], int],
+    sizes: str = "while running; close other programs",
+    program: bool = False,
+) -> int:
     """`command()`'s exit status; a UserError prints `error: <message>` on stderr and gives 1.
 
+    Running out of memory is one too: `sizes` names the run's sizes and what to lower (e.g.
+    "evaluating at --batch-size 32; lower it"). `program`: this process is the command-line
+    program, not a caller in process; then, under an address-space limit, the command runs in a
+    child process so that even XLA's C++ aborts end in that line (`runtime.out_of_memory`).
     Sets malloc up first, before any JAX computation, so that steps reuse their memory
     (`resnet_jax.runtime.memory`).
     """
+    from resnet_jax.runtime import out_of_memory as oom
     from resnet_jax.runtime.errors import UserError
     from resnet_jax.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
 
     try:
-        return command()
+        status = oom.supervise(sizes) if program else None
+        return command() if status is None else status
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A file's reader met a failed allocation, not a damaged file.
+        memory = oom.is_out_of_memory(e.__cause__)
+        print(f"error: {oom.out_of_memory_error(sizes) if memory else e}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:
+        if not oom.is_out_of_memory(e):
+            raise
+        print(f"error: {oom.out_of_memory_error(sizes)}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        oom.finished()

@@ -79,4 +79,5 @@ def evaluate(config: EvalConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run `evaluate.py`: 0 all scored, 1 a user error (one line), 2 some images skipped."""
     config = parse_args(argv)
-    return run(lambda: evaluate(config))
+    sizes = f"evaluating at --batch-size {config.batch_size}; lower it (or --crop)"
+    return run(lambda: evaluate(config), sizes, program=argv is None)

@@ -123,4 +123,5 @@ def predict(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run `predict.py`: 0 all predicted, 1 a user error (one line), 2 some images skipped."""
     args = parse_args(argv)
-    return run(lambda: predict(args))
+    sizes = f"predicting at --batch-size {args.batch_size}; lower it (or --image-size)"
+    return run(lambda: predict(args), sizes, program=argv is None)

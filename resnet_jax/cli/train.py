@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         train(config)
         return 0
 
+    sizes = (
+        f"training {config.arch} at --batch-size {config.batch_size} and --image-size "
+        f"{config.image_size}; lower either (or split batches with --accumulate-steps)"
+    )
     try:
-        return run(command)
+        return run(command, sizes, program=argv is None)
     except KeyboardInterrupt:
         print("Interrupted; continue with the same command plus --resume.", file=sys.stderr)
         return EXIT_INTERRUPTED

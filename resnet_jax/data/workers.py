@@ -230,6 +230,9 @@ class ProcessWorkers:
                 raise error from None
             worker.sent -= 1
             if failure is not None:  # a bug, not a bad image: the worker's traceback
+                last = failure.strip().splitlines()[-1]
+                if "MemoryError" in last.split(":")[0]:  # the command lines report it
+                    raise MemoryError(f"A data-loading worker process: {last}")
                 raise RuntimeError(f"A data-loading worker process failed:\n{failure}")
             self._done[task] = outcomes
         self._dispatch()

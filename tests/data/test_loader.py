@@ -19,7 +19,7 @@ from resnet_jax.data.loader import Loader, open_datasets
 from resnet_jax.data.train_transform import TrainTransform
 from resnet_jax.data.transforms import eval_transform_uint8, random_resized_crop_flip
 from resnet_jax.runtime.errors import UserError
-from tests.data.worker_probe import JaxProbe, Killer
+from tests.data.worker_probe import Hungry, JaxProbe, Killer
 from tests.helpers import batches, make_folder, photo_like
 
 REPO = Path(__file__).resolve().parents[2]
@@ -366,6 +366,13 @@ def test_a_killed_worker_process_is_a_user_error():
     assert loader._process_workers.closed  # the others are ended too
     with Loader(JaxProbe(4), 2, train=False, image_size=8, processes=True) as healthy:
         assert len(batches(healthy)) == 2
+
+
+def test_a_worker_process_out_of_memory_is_a_memory_error():
+    """Not the RuntimeError of a bug: the command lines turn it into their out-of-memory line."""
+    loader = Loader(Hungry(8, fatal=5), 2, train=False, image_size=8, workers=2, processes=True)
+    with loader, pytest.raises(MemoryError, match="worker process: MemoryError: Unable to alloc"):
+        batches(loader)
 
 
 def test_a_source_worker_processes_cannot_receive_is_a_user_error(folder):

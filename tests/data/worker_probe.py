@@ -9,7 +9,7 @@ from PIL import Image
 
 from resnet_jax.data.sources import Source
 
-__all__ = ["JaxProbe", "Killer"]
+__all__ = ["Hungry", "JaxProbe", "Killer"]
 
 
 class JaxProbe(Source):
@@ -36,4 +36,13 @@ class Killer(JaxProbe):
     def example(self, i: int, lazy: bool = False) -> tuple[Image.Image, int]:
         if i == self.fatal:
             os.kill(os.getpid(), 9)
+        return super().example(i, lazy)
+
+
+class Hungry(Killer):
+    """Example `fatal` fails to allocate in the process that reads it, as under a memory limit."""
+
+    def example(self, i: int, lazy: bool = False) -> tuple[Image.Image, int]:
+        if i == self.fatal:
+            raise MemoryError("Unable to allocate 9.00 MiB for an image")
         return super().example(i, lazy)
