@@ -126,12 +126,20 @@ def resnet18_variables():
 
 
 def test_adam_steps_equal_the_linen_train_step():
-    # float32 only catches gross errors here (a flipped ReLU mask moves Adam's sign-like
-    # update by up to 2 lr); the float64 test below carries the exactness claim.
+    # float32 only catches gross errors here: a flipped ReLU mask moves Adam's sign-like update
+    # of a few weights by up to 2 lr, so parameters are compared by the share of weights that
+    # differ; the float64 test below carries the exactness claim.
     variables = resnet18_variables()
     got, want = nnx_and_linen_adam_steps(variables, jnp.float32, random_batches(3))
-    worst = max(step_errors(got, want).items(), key=lambda kv: kv[1])
+    errors = step_errors({k: got[k] for k in ("batch_stats", "losses")}, want)
+    worst = max(errors.items(), key=lambda kv: kv[1])
     assert worst[1] <= 1e-4, worst
+    for (path, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(got["params"]), jax.tree.leaves(want["params"])
+    ):
+        g, w = np.asarray(g), np.asarray(w)
+        differ = np.abs(g - w) > 1e-4 * np.abs(w).max()
+        assert differ.mean() <= 0.01, (jax.tree_util.keystr(path), differ.mean())
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Conversion: every torchvision architecture, loaded without torch, gives torch's logits."""
+"""Conversion: every torchvision architecture, loaded without torch, gives torch's logits (the
+CIFAR family's checkpoints: test_cifar_checkpoints.py)."""
 
 import subprocess
 import sys
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_jax import ARCHS, UserError, check_variables, detect_arch, flax_to_torch, torch_to_flax
+from resnet_jax import (
+    ARCHITECTURES,
+    UserError,
+    check_variables,
+    detect_arch,
+    flax_to_torch,
+    torch_to_flax,
+)
 from resnet_jax.weights.torch_names import arch_from_torch_shapes
 from tests.helpers import nchw, numpy_state_dict, randomised_torch_model, relative_error
 
@@ -34,6 +42,9 @@ for arch in sys.argv[2:]:
 """
 
 
+TORCHVISION = [name for name, a in ARCHITECTURES.items() if a.stem == "imagenet"]
+
+
 @pytest.fixture(scope="module")
 def torch_checkpoints(tmp_path_factory):
     """Every architecture as zip and legacy .pth files, with torch's eval logits."""
@@ -41,7 +52,7 @@ def torch_checkpoints(tmp_path_factory):
     x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
     np.save(folder / "input.npy", x)
     logits = {}
-    for i, arch in enumerate(ARCHS):
+    for i, arch in enumerate(TORCHVISION):
         model = randomised_torch_model(arch, seed=i, num_classes=10).eval()
         with torch.no_grad():
             logits[arch] = model(nchw(x)).numpy()
