@@ -112,6 +112,7 @@ def test_scanned_step_is_exact_in_float64():
     assert worst_error(got, want) <= 1e-13
 
 
+@pytest.mark.slow  # a float64 proof
 def test_remat_keeps_outputs_gradients_and_statistics():
     """`remat=True` recomputes each block in the backward pass: float64 results equal, the
     variables the same."""
