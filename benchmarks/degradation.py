@@ -25,6 +25,9 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +64,7 @@ from resnet_jax.training.transfer import initial_variables
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("plain20", "plain56", "resnet20", "resnet56")
 COLORS = {20: "tab:orange", 56: "tab:red"}
+SETTINGS = ("steps", "batch_size", "lr", "milestones", "limit_train", "limit_val", "seed")
 
 
 def paper_config(arch: str, args: argparse.Namespace) -> TrainConfig:
@@ -195,54 +199,105 @@ def draw(result: dict, png: Path) -> None:
     figure.savefig(png, dpi=90)
 
 
+def merge(results: list[dict]) -> dict:
+    """One result of runs with the same settings, e.g. the plain and the residual pair run in
+    two processes at once."""
+    first = results[0]
+    for other in results[1:]:
+        differ = [k for k in SETTINGS if other.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"error: the runs differ in {', '.join(differ)}; merge runs with "
+                             "the same settings only.")  # fmt: skip
+    commands = [r["command"] for r in results]
+    curves = {arch: c for r in results for arch, c in r["curves"].items()}
+    return {**first, "command": commands[0] if len(commands) == 1 else commands, "curves": curves}
+
+
 def write_json(result: dict, path: Path) -> None:
     with atomic_write(path, "w") as f:
         json.dump(result, f, indent=1)
 
 
-def speed(args: argparse.Namespace) -> None:
-    """images/s of resnet20's train step (the recipe's SGD), ours against torch eager in NCHW
-    and channels_last, the three alternating step by step in this process."""
-    sys.path.insert(0, str(ROOT))  # tests.helpers' torch reference, speed.py's timer
-    import torch
+SPEED_SIDES = ("ours", "torch", "torch-cl")
 
-    from benchmarks.speed import CORES, timed
-    from tests.helpers import TorchCifarResNet
 
-    keep_freed_memory()
-    torch.set_num_threads(CORES)
-    b, dp = args.batch_size, DataParallel()
+def fixed_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 32 px images and CIFAR-10 labels, the same for every side."""
     rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (b, 32, 32, 3), np.uint8), rng.integers(0, 10, b)
+    return rng.integers(0, 256, (batch_size, 32, 32, 3), np.uint8), rng.integers(0, 10, batch_size)
+
+
+def our_step(args: argparse.Namespace) -> Callable[[], None]:
+    """resnet20's train step as train.py runs it with the recipe (malloc set up alike)."""
+    keep_freed_memory()
+    enable_compilation_cache()
+    images, labels = fixed_batch(args.batch_size)
+    dp = DataParallel()
     state, step = initial_state(paper_config("resnet20", args), 10, 1000, dp)
     batch = dp.shard({"image": images, "label": labels.astype(np.int32),
-                      "mask": np.ones(b, bool)})  # fmt: skip
-    totals, holder = dp.replicate(zero_totals()), [state]
+                      "mask": np.ones(len(labels), bool)})  # fmt: skip
+    holder, totals = [state], dp.replicate(zero_totals())
 
-    def ours() -> None:
+    def run() -> None:
         holder[0], new_totals = step(holder[0], batch, totals)
         new_totals["count"].block_until_ready()
 
-    def theirs(channels_last: bool):
-        net = TorchCifarResNet(3, "A").train()
-        x, y = torch.randn(b, 3, 32, 32), torch.from_numpy(labels)
-        if channels_last:
-            net, x = net.to(memory_format=torch.channels_last), x.contiguous(
-                memory_format=torch.channels_last)  # fmt: skip
-        opt = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    return run
 
-        def run() -> None:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
 
-        return run
+def torch_step(args: argparse.Namespace, channels_last: bool) -> Callable[[], None]:
+    """The torch reference of resnet20 (tests.helpers) eager, with the recipe's SGD."""
+    import torch
 
-    seconds = timed([ours, theirs(False), theirs(True)], args.repeats)
-    ips = [b / s for s in seconds]
-    print(f"resnet20 train step, batch {b}, 32 px, {CORES} cores, median of {args.repeats}: "
-          f"ours {ips[0]:.0f} images/s, torch eager NCHW {ips[1]:.0f} ({ips[0] / ips[1]:.2f}x), "
-          f"torch channels_last {ips[2]:.0f} ({ips[0] / ips[2]:.2f}x)")  # fmt: skip
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import TorchCifarResNet
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many threads as JAX has cores
+    _, labels = fixed_batch(args.batch_size)
+    net, x = TorchCifarResNet(3, "A").train(), torch.randn(len(labels), 3, 32, 32)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(labels)
+    opt = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+
+    def run() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return run
+
+
+def speed_worker(side: str, args: argparse.Namespace) -> None:
+    """In a fresh process: the median seconds of `side`'s step after two warm-up steps."""
+    run = our_step(args) if side == "ours" else torch_step(args, side == "torch-cl")
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"step_s": statistics.median(times)}))
+
+
+def speed(args: argparse.Namespace) -> None:
+    """images/s of resnet20's train step, each side in fresh processes of its own, the sides
+    alternating (`--rounds` processes each), as benchmarks/speed.py measures torchvision's."""
+    times: dict[str, list[float]] = {side: [] for side in SPEED_SIDES}
+    for _ in range(args.rounds):
+        for side in SPEED_SIDES:
+            cmd = [sys.executable, __file__, "--speed-worker", side, "--repeats", str(args.repeats),
+                   "--batch-size", str(args.batch_size)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            times[side].append(json.loads(out.strip().splitlines()[-1])["step_s"])
+    ips = {side: args.batch_size / statistics.median(t) for side, t in times.items()}
+    print(f"resnet20 train step, batch {args.batch_size}, 32 px, {len(os.sched_getaffinity(0))} "
+          f"cores, median of {args.repeats} steps x {args.rounds} processes per side: ours "
+          f"{ips['ours']:.0f} images/s, torch eager NCHW {ips['torch']:.0f} "
+          f"({ips['ours'] / ips['torch']:.2f}x), torch channels_last {ips['torch-cl']:.0f} "
+          f"({ips['ours'] / ips['torch-cl']:.2f}x)")  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -271,23 +326,34 @@ def parse_args() -> argparse.Namespace:
         default=ROOT / "benchmarks/figures/degradation",
         help="OUT.json and OUT.png are written",
     )
-    p.add_argument("--plot-only", type=Path, help="redraw the figure of this JSON file")
+    p.add_argument(
+        "--plot-only",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="draw the curves of these runs (same settings) into OUT.json and OUT.png",
+    )
     p.add_argument("--speed", action="store_true", help="resnet20's train step against torch")
-    p.add_argument("--repeats", type=int, default=20, help="--speed: timed steps per side")
+    p.add_argument("--repeats", type=int, default=10, help="--speed: timed steps per process")
+    p.add_argument("--rounds", type=int, default=2, help="--speed: processes per side")
+    p.add_argument("--speed-worker", choices=SPEED_SIDES, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def main() -> None:
     args = with_defaults(parse_args())
+    if args.speed_worker:
+        return speed_worker(args.speed_worker, args)
     if args.speed:
         return speed(args)
     if args.plot_only:
-        return draw(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        result = merge([json.loads(path.read_text()) for path in args.plot_only])
+        write_json(result, args.out.with_suffix(".json"))
+        return draw(result, args.out.with_suffix(".png"))
 
     enable_compilation_cache()
     result = {"command": " ".join(sys.argv), "recipe": "cifar-paper", "curves": {}}
-    names = ("steps", "batch_size", "lr", "milestones", "limit_train", "limit_val", "seed")
-    result |= {k: getattr(args, k) for k in names}
+    result |= {k: getattr(args, k) for k in SETTINGS}
     json_path, start = args.out.with_suffix(".json"), time.perf_counter()
     for arch in args.archs:
         result["curves"][arch] = train_curves(arch, args)
