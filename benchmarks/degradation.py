@@ -1,13 +1,17 @@
 """The ResNet paper's degradation experiment (He et al. 2015, figure 6) on CIFAR-10 JPEGs.
 
-    python benchmarks/degradation.py --data-dir ../shared/data/cifar10-jpg --steps 1200
-    python benchmarks/degradation.py --data-dir DIR --steps 4 --limit-train 64 --limit-val 64 \\
-        --batch-size 16 --log-every 2 --eval-every 2 --out /tmp/degradation   # smoke run
-    python benchmarks/degradation.py --plot-only benchmarks/figures/degradation.json
-    python benchmarks/degradation.py --speed          # resnet20 train step against torch
+    python benchmarks/degradation.py --data-dir ../shared/data/cifar10-jpg --steps 400 \
+        --limit-val 1000                        # all four, one after another
+    python benchmarks/degradation.py --data-dir DIR --archs plain20 plain56 --out /tmp/plain &
+    python benchmarks/degradation.py --data-dir DIR --archs resnet20 resnet56 --out /tmp/res
+    python benchmarks/degradation.py --plot-only /tmp/plain.json /tmp/res.json   # one figure
+    python benchmarks/degradation.py --data-dir DIR --steps 4 --limit-train 64 --limit-val 64 \
+        --batch-size 16 --log-every 2 --eval-every 2 --out /tmp/smoke      # smoke run
+    python benchmarks/degradation.py --speed    # resnet20's train step against torch eager
 
 plain20, plain56, resnet20 and resnet56 train one after another with the same recipe: the
-cifar-paper values of `training/recipes.py` (SGD momentum 0.9, lr 0.1, weight decay 1e-4,
+cifar-paper values of `training/recipes.py` (SGD momentum 0.9, lr 0.1 at batch 128 and scaled with
+`--batch-size`, weight decay 1e-4,
 pad-4 crop + flip at 32 px, evaluation at 32 px as is), cut to `--steps` iterations with the lr
 divided by 10 at `--milestones` (default: at 50% and 75% of the steps, where the paper's 32k and
 48k fall in its 64k). The pieces are train.py's: the Loaders with the recipe's TrainTransform,
@@ -304,7 +308,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data/cifar10-jpg")
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--steps", type=int, default=1200, help="iterations per architecture")
+    p.add_argument("--steps", type=int, default=400, help="iterations per architecture")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, help="default: the paper's 0.1 scaled by --batch-size / 128")
     p.add_argument(
@@ -314,8 +318,8 @@ def parse_args() -> argparse.Namespace:
         help="lr / 10 at these iterations "
         "(default: 50%% and 75%% of --steps, the paper's 32k and 48k of 64k)",
     )
-    p.add_argument("--log-every", type=int, default=20, help="iterations per training error point")
-    p.add_argument("--eval-every", type=int, default=100, help="iterations per test error point")
+    p.add_argument("--log-every", type=int, default=10, help="iterations per training error point")
+    p.add_argument("--eval-every", type=int, default=50, help="iterations per test error point")
     p.add_argument("--limit-train", type=int, help="train on this many images drawn at random")
     p.add_argument("--limit-val", type=int, help="test on this many images drawn at random")
     p.add_argument("--seed", type=int, default=0)
