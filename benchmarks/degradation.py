@@ -10,17 +10,17 @@
     python benchmarks/degradation.py --speed    # resnet20's train step against torch eager
 
 plain20, plain56, resnet20 and resnet56 train one after another with the same recipe: the
-cifar-paper values of `training/recipes.py` (SGD momentum 0.9, lr 0.1 at batch 128 and scaled with
-`--batch-size`, weight decay 1e-4,
-pad-4 crop + flip at 32 px, evaluation at 32 px as is), cut to `--steps` iterations with the lr
-divided by 10 at `--milestones` (default: at 50% and 75% of the steps, where the paper's 32k and
-48k fall in its 64k). The pieces are train.py's: the Loaders with the recipe's TrainTransform,
-the optimizer and schedule built from a TrainConfig (`training.run_setup`), and DataParallel's
-compiled train and eval steps. Training error is 1 - accuracy over the training batches since
-the last point (train-mode BatchNorm, augmented images), every `--log-every` iterations; test
-error is the validation error every `--eval-every` iterations. The curves go to OUT.json (after
-each architecture) and the paper's figure to OUT.png: a panel for the plain nets and one for
-the residual nets, dashed = training error, solid = test error.
+cifar-paper values of `training/recipes.py` (SGD momentum 0.9, lr 0.1 at batch 128 and scaled
+with `--batch-size`, weight decay 1e-4, pad-4 crop + flip at 32 px, evaluation at 32 px as is),
+cut to `--steps` iterations with the lr divided by 10 at `--milestones` (default: at 50% and 75%
+of the steps, where the paper's 32k and 48k fall in its 64k). The pieces are train.py's: the
+Loaders with the recipe's TrainTransform, the optimizer and schedule built from a TrainConfig
+(`training.run_setup`), and DataParallel's compiled train and eval steps. Training error is 1 -
+accuracy over the training batches since the last point (train-mode BatchNorm, augmented
+images), every `--log-every` iterations; test error is the validation error every `--eval-every`
+iterations. The curves go to OUT.json (after each architecture) and the paper's figure to
+OUT.png: a panel for the plain nets and one for the residual nets, dashed = training error,
+solid = test error.
 """
 
 from __future__ import annotations
