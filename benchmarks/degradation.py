@@ -222,7 +222,9 @@ def write_json(result: dict, path: Path) -> None:
         json.dump(result, f, indent=1)
 
 
-SPEED_SIDES = ("ours", "torch", "torch-cl")
+# Ours (malloc set up as train.py does), torch eager NCHW and channels_last, and both torch
+# sides again with our malloc settings (benchmarks/speed.py's rows).
+SPEED_SIDES = ("ours", "torch", "torch-cl", "torch+kept", "torch-cl+kept")
 
 
 def fixed_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +234,7 @@ def fixed_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def our_step(args: argparse.Namespace) -> Callable[[], None]:
-    """resnet20's train step as train.py runs it with the recipe (malloc set up alike)."""
-    keep_freed_memory()
+    """resnet20's train step as train.py runs it with the recipe."""
     enable_compilation_cache()
     images, labels = fixed_batch(args.batch_size)
     dp = DataParallel()
@@ -275,7 +276,9 @@ def torch_step(args: argparse.Namespace, channels_last: bool) -> Callable[[], No
 
 def speed_worker(side: str, args: argparse.Namespace) -> None:
     """In a fresh process: the median seconds of `side`'s step after two warm-up steps."""
-    run = our_step(args) if side == "ours" else torch_step(args, side == "torch-cl")
+    if side == "ours" or side.endswith("+kept"):
+        keep_freed_memory()  # as train.py does
+    run = our_step(args) if side == "ours" else torch_step(args, side.startswith("torch-cl"))
     for _ in range(2):
         run()
     times = []
@@ -298,10 +301,11 @@ def speed(args: argparse.Namespace) -> None:
             times[side].append(json.loads(out.strip().splitlines()[-1])["step_s"])
     ips = {side: args.batch_size / statistics.median(t) for side, t in times.items()}
     print(f"resnet20 train step, batch {args.batch_size}, 32 px, {len(os.sched_getaffinity(0))} "
-          f"cores, median of {args.repeats} steps x {args.rounds} processes per side: ours "
-          f"{ips['ours']:.0f} images/s, torch eager NCHW {ips['torch']:.0f} "
-          f"({ips['ours'] / ips['torch']:.2f}x), torch channels_last {ips['torch-cl']:.0f} "
-          f"({ips['ours'] / ips['torch-cl']:.2f}x)")  # fmt: skip
+          f"cores, median of {args.repeats} steps x {args.rounds} processes per side; images/s "
+          "(ours / theirs: > 1 means ours is faster):")  # fmt: skip
+    for side, value in ips.items():
+        each = ", ".join(f"{args.batch_size / t:.1f}" for t in times[side])
+        print(f"  {side:14} {value:7.1f}  {ips['ours'] / value:5.2f}x  (processes: {each})")
 
 
 def parse_args() -> argparse.Namespace:
