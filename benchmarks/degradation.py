@@ -299,6 +299,7 @@ def speed(args: argparse.Namespace) -> None:
                    "--batch-size", str(args.batch_size)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             times[side].append(json.loads(out.strip().splitlines()[-1])["step_s"])
+            print(f"{side}: {args.batch_size / times[side][-1]:.1f} images/s", flush=True)
     ips = {side: args.batch_size / statistics.median(t) for side, t in times.items()}
     print(f"resnet20 train step, batch {args.batch_size}, 32 px, {len(os.sched_getaffinity(0))} "
           f"cores, median of {args.repeats} steps x {args.rounds} processes per side; images/s "
