@@ -212,9 +212,11 @@ def merge(results: list[dict]) -> dict:
         if differ:
             raise SystemExit(f"error: the runs differ in {', '.join(differ)}; merge runs with "
                              "the same settings only.")  # fmt: skip
-    commands = [r["command"] for r in results]
+    if len(results) == 1:
+        return first
     curves = {arch: c for r in results for arch, c in r["curves"].items()}
-    return {**first, "command": commands[0] if len(commands) == 1 else commands, "curves": curves}
+    per_run = {k: [r.get(k) for r in results] for k in ("command", "seconds")}
+    return {**first, **per_run, "curves": curves}
 
 
 def write_json(result: dict, path: Path) -> None:
