@@ -21,6 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(("BasicBlock", "Bottleneck"), "models.blocks"),
     "BatchNorm": "models.layers",
     **dict.fromkeys(("ResNet", "pooled_features"), "models.resnet"),
+    **dict.fromkeys(("stack_blocks", "unstack_blocks"), "models.scan"),
     **dict.fromkeys(("ARCHS", "create_model", "init_variables", *ARCHITECTURES), "models.factory"),
     "preprocess": "data.transforms",
     **dict.fromkeys(("check_variables", "detect_arch", "flax_to_torch", "torch_to_flax"),

@@ -37,7 +37,8 @@ for arch in sys.argv[2:]:
     found = resnet_jax.detect_arch(zipped)
     variables = resnet_jax.torch_to_flax(zipped)
     resnet_jax.check_variables(variables, found)
-    logits = resnet_jax.create_model(found, num_classes=10).apply(variables, x)
+    model = resnet_jax.create_model(found, num_classes=10)
+    logits = model.apply(resnet_jax.stack_blocks(variables, model), x)
     np.save(f"{folder}/{arch}-{found}.npy", np.asarray(logits))
 """
 
