@@ -3,6 +3,7 @@ and .pth files written by hand the way old torch versions wrote them."""
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import struct
 import zipfile
@@ -21,6 +22,16 @@ from resnet_jax.data.loader import Loader
 from resnet_jax.models.resnet import ResNet
 from resnet_jax.weights.torch_format import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION
 from resnet_jax.weights.torch_names import torch_to_flax
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A root entry script (`predict.py`, ...) as a module, to call its `main` in process."""
+    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomised_torch_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:

@@ -14,9 +14,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["parser_for", "run"]
+__all__ = ["EXIT_SKIPPED", "parser_for", "report_skipped", "run"]
 
 EXIT_ERROR = 1  # a UserError: one line on stderr
+EXIT_SKIPPED = 2  # the readable images were done, unreadable ones skipped
 
 
 def _refuse_too_little_address_space() -> None:
@@ -62,6 +63,15 @@ def parser_for(config: type, **kwargs: Any) -> argparse.ArgumentParser:
             help=help_text, **meta["argparse"],
         )  # fmt: skip
     return parser
+
+
+def report_skipped(skipped: int, total: int) -> int:
+    """The exit status of a run over `total` images of which `skipped` could not be read: 0, or
+    EXIT_SKIPPED after a line on stderr saying how many."""
+    if not skipped:
+        return 0
+    print(f"{skipped} of {total} images could not be read and were skipped.", file=sys.stderr)
+    return EXIT_SKIPPED
 
 
 def run(

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-from resnet_jax.cli import parser_for, run
-from resnet_jax.cli.predict import EXIT_SKIPPED
+from resnet_jax.cli import parser_for, report_skipped, run
 from resnet_jax.inference.evaluate import EvalConfig
 
 __all__ = ["main", "parse_args"]
@@ -66,14 +64,7 @@ def evaluate(config: EvalConfig) -> int:
         show.write_result(config.output, result)
     if config.confusion_png is not None:
         show.write_confusion_png(config.confusion_png, result)
-    if result.skipped:
-        print(
-            f"{result.skipped} of {result.images + result.skipped} images could not be read "
-            "and were skipped.",
-            file=sys.stderr,
-        )
-        return EXIT_SKIPPED
-    return 0
+    return report_skipped(result.skipped, result.images + result.skipped)
 
 
 def main(argv: list[str] | None = None) -> int:

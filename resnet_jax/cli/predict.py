@@ -6,11 +6,10 @@ import argparse
 import json
 import sys
 
-from resnet_jax.cli import run
+from resnet_jax.cli import report_skipped, run
 
-__all__ = ["DEFAULT_CAM_DIR", "EXIT_SKIPPED", "main", "parse_args", "predict"]
+__all__ = ["DEFAULT_CAM_DIR", "main", "parse_args", "predict"]
 
-EXIT_SKIPPED = 2  # some images were predicted, unreadable ones skipped
 DEFAULT_CAM_DIR = "gradcam"  # where --cam writes, relative to the working directory
 
 
@@ -111,13 +110,7 @@ def predict(args: argparse.Namespace) -> int:
     if cam_dir is not None:
         written = show.save_cams(predictions, classes, cam_dir, predictor.transform)
         print(f"Grad-CAM: {len(written)} images written to {cam_dir}", file=sys.stderr)
-    if skipped:
-        print(
-            f"{len(skipped)} of {len(paths)} images could not be read and were skipped.",
-            file=sys.stderr,
-        )
-        return EXIT_SKIPPED
-    return 0
+    return report_skipped(len(skipped), len(paths))
 
 
 def main(argv: list[str] | None = None) -> int:

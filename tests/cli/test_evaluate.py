@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from resnet_jax.cli.predict import EXIT_SKIPPED
-from tests.helpers import make_folder, write_image
+from resnet_jax.cli import EXIT_SKIPPED
+from tests.helpers import load_script, make_folder, write_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_evaluate_script()
+evaluate_script = load_script("evaluate.py")
 pytestmark = pytest.mark.usefixtures("private_compilation_cache")  # evaluate.py turns it on
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_jax.cli.predict import EXIT_SKIPPED
+from resnet_jax.cli import EXIT_SKIPPED
 from resnet_jax.inference import output as predict_output
 from resnet_jax.inference import predictor as inference
 from resnet_jax.inference.predictor import Prediction, Predictor
 from resnet_jax.weights.io import save_variables
 from resnet_jax.weights.torch_names import torch_to_flax
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
 
-def _load_predict_script():
-    spec = importlib.util.spec_from_file_location("predict_script", ROOT / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-predict_script = _load_predict_script()
+predict_script = load_script("predict.py")
 # predict_cli turns on JAX's persistent cache: keep it out of ~/.cache and this module.
 pytestmark = pytest.mark.usefixtures("private_compilation_cache")
 
