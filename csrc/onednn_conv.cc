@@ -14,6 +14,8 @@
 // (an input and a kernel gradient), two OpenMP teams would otherwise share the cores
 // (benchmarks/RESULTS.md has the measurement).
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -21,7 +23,6 @@
 #include <new>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -147,11 +148,35 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
   return it->second;  // std::map never moves its elements
 }
 
-// A per-thread buffer, grown as needed and reused.
-void* Scratch(std::vector<char>& buffer, size_t bytes) {
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
-}
+// A per-thread buffer, grown as needed and reused. It is mapped apart from malloc's heap: left
+// there, it would sit above the first step's XLA buffers and split the space the next step's
+// buffers are meant to reuse (resnet_jax/runtime/memory.py).
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { Release(); }
+
+  void* Get(size_t bytes) {
+    if (bytes <= size_) return data_;
+    Release();
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    data_ = p;
+    size_ = bytes;
+    return data_;
+  }
+
+ private:
+  void Release() {
+    if (data_ != nullptr) munmap(data_, size_);
+    data_ = nullptr;
+    size_ = 0;
+  }
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 dnnl::stream& Stream() {
   thread_local dnnl::stream stream(Engine());
@@ -166,7 +191,7 @@ ffi::Error OutOfMemory() {
 // Runs one pass. x: NHWC input (or its gradient), kernel: HWIO kernel (or its gradient),
 // y: NHWC output (or its gradient); which of the three is written depends on the pass.
 ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
-  thread_local std::vector<char> kernel_buffer, workspace;
+  thread_local Scratch kernel_buffer, workspace;
   try {
     const Plan& plan = GetPlan(pass, g);
     dnnl::stream& stream = Stream();
@@ -174,11 +199,11 @@ ffi::Error Run(Pass pass, const Geometry& g, void* x, void* kernel, void* y) {
     memory conv_kernel = user_kernel;
     if (plan.kernel_reorder) {
       const size_t bytes = plan.kernel_desc.get_size();
-      conv_kernel = memory(plan.kernel_desc, Engine(), Scratch(kernel_buffer, bytes));
+      conv_kernel = memory(plan.kernel_desc, Engine(), kernel_buffer.Get(bytes));
     }
     memory xs(Activations(g.n, g.h, g.w, g.c), Engine(), x);
     memory ys(Activations(g.n, g.ho(), g.wo(), g.o), Engine(), y);
-    memory scratch(plan.scratchpad, Engine(), Scratch(workspace, plan.scratchpad.get_size()));
+    memory scratch(plan.scratchpad, Engine(), workspace.Get(plan.scratchpad.get_size()));
     std::lock_guard<std::mutex> serial(resnet_jax::OneAtATime());  // see "Threads" at the top
     if (pass == Pass::kForward) {
       if (plan.kernel_reorder) plan.kernel_reorder->execute(stream, user_kernel, conv_kernel);

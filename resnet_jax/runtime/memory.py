@@ -1,11 +1,14 @@
 """glibc malloc settings under which XLA:CPU reuses its step buffers instead of faulting them in
 (and data workers their image buffers: `reuse_freed_blocks`).
 
-XLA:CPU allocates the temporaries of each run of a compiled function with malloc on its worker
-threads and frees them afterwards. glibc serves blocks that large with a fresh mmap from a
-thread's arena and unmaps them on free, so every step page-faults its whole working memory in
-again. With one arena, no mmap and no trimming, freed memory stays in the process and the next
-step reuses it (benchmarks/RESULTS.md has the figures).
+XLA:CPU allocates the temporaries of each run of a compiled function with malloc and frees them
+afterwards. glibc serves blocks that large with a fresh mmap and unmaps them on free, so every
+step page-faults its whole working memory in again. With one arena, no mmap and no trimming,
+freed memory stays in the process and the next step reuses it. That holds only if the next step
+allocates after this one has freed: JAX's asynchronous CPU dispatch starts step N+1 as soon as
+step N's outputs are ready, before N's temporaries are freed, and the heap then grows by a
+step's worth again and again (ResNet-50 at batch 16: 4.8 GB instead of 2.2 GB). So the CPU
+computations run synchronously too (benchmarks/RESULTS.md has the figures).
 """
 
 from __future__ import annotations
@@ -44,15 +47,22 @@ def _accelerator_plugin() -> bool:
 def keep_freed_memory() -> bool:
     """Make glibc malloc keep freed memory for reuse; True when the settings were applied.
 
-    Call it before the first JAX computation: threads that already allocated keep the arena
-    they have. Applied on Linux with glibc when JAX runs on the CPU, unless RESNET_JAX_KEEP_MEMORY
-    is 0. The process then holds on to its peak memory until it exits.
+    It also makes JAX run CPU computations synchronously (a call returns when its step is done
+    and its buffers are freed). Call it before the first JAX computation: threads that already
+    allocated keep the arena they have. Applied on Linux with glibc when JAX runs on the CPU,
+    unless RESNET_JAX_KEEP_MEMORY is 0. The process then holds on to its peak memory until it
+    exits.
     """
     libc = _glibc()
     if libc is None or _accelerator_plugin():
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    if not all(libc.mallopt(param, value) == 1 for param, value in settings):
+        return False
+    import jax  # here, not at the top: data workers use this module without JAX
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
 
 
 def reuse_freed_blocks(limit: int = 32 << 20) -> bool:
