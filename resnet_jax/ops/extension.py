@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from resnet_jax.ops.platform import cpu_or_default, on_cpu
 from resnet_jax.runtime.errors import UserError
 
 __all__ = [
@@ -107,7 +108,7 @@ def use_onednn(dtype: jnp.dtype) -> bool:
 def convs_on_xla_cpu(dtype: jnp.dtype) -> bool:
     """Whether convolutions of this dtype run as XLA:CPU's own: on CPU without the extension
     (or with RESNET_JAX_CONV=xla), or in another dtype than float32."""
-    return jax.default_backend() == "cpu" and not use_onednn(dtype)
+    return on_cpu() and not use_onednn(dtype)
 
 
 def _call(name: str, shape: tuple[int, ...], a, b, stride: int, padding: int, groups: int):
@@ -148,11 +149,8 @@ def conv(
     fallback: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> jax.Array:
     """oneDNN's convolution on CPU, `fallback(x, kernel)` on other platforms."""
-    return lax.platform_dependent(
-        x,
-        kernel,
-        cpu=lambda x, kernel: onednn_conv(x, kernel, stride, padding, groups),
-        default=fallback,
+    return cpu_or_default(
+        lambda x, kernel: onednn_conv(x, kernel, stride, padding, groups), fallback, x, kernel
     )
 
 
@@ -203,10 +201,6 @@ def batch_norm(
     fallback: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`batch_norm_train` on CPU, `fallback(x, scale, bias)` on other platforms."""
-    return lax.platform_dependent(
-        x,
-        scale,
-        bias,
-        cpu=lambda x, scale, bias: batch_norm_train(x, scale, bias, epsilon),
-        default=fallback,
+    return cpu_or_default(
+        lambda x, scale, bias: batch_norm_train(x, scale, bias, epsilon), fallback, x, scale, bias
     )

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax.ops.platform import cpu_or_default
+
 __all__ = [
     "block_diagonal", "conv", "conv2d", "grouped_conv", "max_pool", "patch_conv", "pointwise_conv",
 ]  # fmt: skip
@@ -50,11 +52,11 @@ def _grouped_on_cpu(x, kernel, groups, compute):
     """compute(x, kernel, groups), or on CPU and narrow inputs compute(x, dense kernel, 1)."""
     if x.shape[-1] > DENSE_GROUPED_MAX_CHANNELS:
         return compute(x, kernel, groups)
-    return lax.platform_dependent(
+    return cpu_or_default(
+        lambda x, kernel: compute(x, block_diagonal(kernel, groups), 1),
+        lambda x, kernel: compute(x, kernel, groups),
         x,
         kernel,
-        cpu=lambda x, kernel: compute(x, block_diagonal(kernel, groups), 1),
-        default=lambda x, kernel: compute(x, kernel, groups),
     )
 
 
@@ -91,7 +93,7 @@ def _grouped_conv_bwd(stride, padding, groups, residuals, dy):
     def native(x, dy):
         return jax.vjp(lambda w: conv2d(x, w, stride, padding, groups), kernel)[1](dy)[0]
 
-    return dx, lax.platform_dependent(x, dy, cpu=from_dense, default=native)
+    return dx, cpu_or_default(from_dense, native, x, dy)
 
 
 grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
@@ -207,10 +209,10 @@ def conv(
         # 32-64 px images) far slower than the same product over stacked patches.
         return patch_conv(x, kernel, stride, padding)
     if x.shape[0] * x.shape[1] * x.shape[2] <= patch_pixels:
-        return lax.platform_dependent(
+        return cpu_or_default(
+            lambda x, kernel: patch_conv(x, kernel, stride, padding),
+            lambda x, kernel: conv2d(x, kernel, stride, padding),
             x,
             kernel,
-            cpu=lambda x, kernel: patch_conv(x, kernel, stride, padding),
-            default=lambda x, kernel: conv2d(x, kernel, stride, padding),
         )
     return conv2d(x, kernel, stride, padding)
