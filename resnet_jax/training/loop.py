@@ -132,7 +132,9 @@ def train_epoch(
     `log(steps_done, totals)` sees the running totals after every step (it reads few of them).
 
     The host never waits for the step it just dispatched: the bar shows the loss of the step
-    before (already finished or nearly), so the device always has work queued.
+    before (already finished or nearly), so an accelerator always has work queued. (On the CPU
+    the command lines dispatch synchronously, so that steps reuse one step's memory:
+    `runtime/memory.py`.)
     """
     totals = dp.replicate(zero_totals())
     compile_s, refreshed = 0.0, 0.0
