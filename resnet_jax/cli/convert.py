@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{src} -> {dst}: {result[0]}, {result[1]:,} parameters")
         return EXIT_SOME_FAILED if failed else 0
 
-    return run(command)
+    return run(command, f"converting {args.src}; close other programs", program=argv is None)

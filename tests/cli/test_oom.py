@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from resnet_jax.cli import train
+from resnet_jax.cli import convert, train
 from resnet_jax.training.parallel import DataParallel
 from tests.helpers import make_train_val_folder
 
@@ -70,3 +70,16 @@ def test_running_out_inside_the_train_step_is_the_line(error, tmp_path, monkeypa
     status = train.main([*TINY, "--synthetic", "2", "--output-dir", str(tmp_path / "run")])
     assert status == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: Out of memory {SIZES}."
+
+
+def test_running_out_while_converting_is_the_line(tmp_path, monkeypatch, capsys):
+    def convert_failing(src, dst, arch):
+        raise MemoryError
+
+    monkeypatch.setattr("resnet_jax.weights.conversion.convert_file", convert_failing)
+    src = tmp_path / "resnet18.pth"
+    src.write_bytes(b"")
+    status = convert.main([str(src), str(tmp_path / "resnet18.msgpack")])
+    assert status == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"error: Out of memory converting {src}; close other programs."
