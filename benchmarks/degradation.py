@@ -68,7 +68,8 @@ from resnet_jax.training.transfer import initial_variables
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("plain20", "plain56", "resnet20", "resnet56")
 COLORS = {20: "tab:orange", 56: "tab:red"}
-SETTINGS = ("steps", "batch_size", "lr", "milestones", "limit_train", "limit_val", "seed")
+SETTINGS = ("steps", "batch_size", "lr", "milestones", "warmup_steps", "limit_train", "limit_val",
+            "seed")
 
 
 def paper_config(arch: str, args: argparse.Namespace) -> TrainConfig:
@@ -76,8 +77,15 @@ def paper_config(arch: str, args: argparse.Namespace) -> TrainConfig:
     return resolve(recipe_config(
         "cifar-paper", arch=arch, data_dir=args.data_dir, batch_size=args.batch_size,
         lr=args.lr, max_steps=args.steps, lr_milestones=tuple(args.milestones), seed=args.seed,
-        workers=args.workers, output_dir=str(args.out),
+        workers=args.workers, output_dir=str(args.out), **warmup(args),
     ))  # fmt: skip
+
+
+def warmup(args: argparse.Namespace) -> dict:
+    """--warmup-steps N: the paper's lr / 10 start (resnet110's) for every net alike."""
+    if args.warmup_steps is None:
+        return {}
+    return {"warmup_steps": args.warmup_steps, "warmup_method": "constant", "warmup_factor": 0.1}
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -324,6 +332,12 @@ def parse_args() -> argparse.Namespace:
         nargs="*",
         help="lr / 10 at these iterations "
         "(default: 50%% and 75%% of --steps, the paper's 32k and 48k of 64k)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="every net starts at lr / 10 for this many iterations, as the paper's resnet110 "
+        "(default: the recipe's, none for these depths)",
     )
     p.add_argument("--log-every", type=int, default=10, help="iterations per training error point")
     p.add_argument("--eval-every", type=int, default=50, help="iterations per test error point")

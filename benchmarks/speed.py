@@ -17,10 +17,17 @@ Measures, alternating the sides (A B C A B C ...) so that drift and load hit all
 - eval b16/b64 images/s and b1 latency: the predict path (`Predictor.predict_arrays`: uint8
   images normalised on the device, jitted softmax, result copied to the host) against torch
   under inference_mode from float input.
+- train peak RSS (MB): VmHWM of each train process above (median over the rounds), so each
+  side's memory sits beside its speed.
+- init (s): model creation and its initial variables (ours drawn on the host, torchvision's
+  constructor), in a fresh process.
 - first step (s): a fresh process's first train step (trace, compile, run), with an empty and
-  then a warm persistent compilation cache (the trainer's `enable_compilation_cache`).
-- peak RSS (MB): VmHWM of a fresh process that builds the model and runs 3
-  train steps (compilation included for ours); the RSS after the imports is shown beside it.
+  then a warm persistent compilation cache (the trainer's `enable_compilation_cache`); its peak
+  RSS (3 steps, compilation included for ours) and the RSS after the imports beside it.
+- predict.py end to end (s, MB): `predict.py IMAGE --weights W.msgpack` from process start to
+  exit, with an empty and then a warm compilation cache, against the PyTorch tutorial's
+  predict.py work (torchvision model, torch.load of a .pth, Resize(256), CenterCrop(224),
+  softmax, every class's probability printed) run the same way; wall seconds and peak RSS.
 - train.py --synthetic: images/s from the trainer's own metrics.jsonl (trainer overhead).
 torch gets as many threads as JAX has cores.
 """
@@ -28,6 +35,7 @@ torch gets as many threads as JAX has cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -176,17 +184,21 @@ def train_worker(side: str, arch: str, batch: int, size: int, repeats: int) -> d
         run = jax_train_step(arch, batch, size)
     else:
         run = torch_train_step(arch, batch, size, channels_last=side.startswith("torch-cl"))
-    return {"step_s": timed([run], repeats)[0]}
+    return {"step_s": timed([run], repeats)[0], "peak_rss_mb": memory_mb("VmHWM")}
 
 
-def isolated_train_steps(arch: str, batch: int, size: int, repeats: int, rounds: int) -> dict:
-    """Median train-step seconds of each of TRAIN_SIDES, each in its own processes, alternating."""
-    times: dict[str, list[float]] = {side: [] for side in TRAIN_SIDES}
+def isolated_train_steps(
+    arch: str, batch: int, size: int, repeats: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Median train-step seconds and peak RSS of each of TRAIN_SIDES, each in its own
+    processes, alternating."""
+    found: dict[str, list[dict]] = {side: [] for side in TRAIN_SIDES}
     for _ in range(rounds):
         for side in TRAIN_SIDES:
             cmd = ["--train-worker", side, "--repeats", str(repeats)]
-            times[side].append(in_subprocess(cmd, arch, batch, size)["step_s"])
-    return {side: statistics.median(t) for side, t in times.items()}
+            found[side].append(in_subprocess(cmd, arch, batch, size))
+    return {side: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            for side, runs in found.items()}  # fmt: skip
 
 
 def worker(kind: str, arch: str, batch: int, size: int) -> dict:
@@ -199,8 +211,16 @@ def worker(kind: str, arch: str, batch: int, size: int) -> dict:
         import jax  # noqa: F401  (the imports are part of the baseline)
     else:
         import torch  # noqa: F401
-        import torchvision  # noqa: F401
+        import torchvision
     baseline = memory_mb("VmRSS")
+    start = time.perf_counter()
+    if kind == "jax":
+        from resnet_jax.models.factory import create_model, init_variables
+
+        init_variables(create_model(arch))
+    else:
+        getattr(torchvision.models, arch)()
+    init_s = time.perf_counter() - start
     make = jax_train_step if kind == "jax" else lambda *a: torch_train_step(*a, False)
     run = make(arch, batch, size)
     steps = []
@@ -208,7 +228,8 @@ def worker(kind: str, arch: str, batch: int, size: int) -> dict:
         start = time.perf_counter()
         run()
         steps.append(time.perf_counter() - start)
-    return {"steps_s": steps, "peak_rss_mb": memory_mb("VmHWM"), "baseline_rss_mb": baseline}
+    return {"steps_s": steps, "init_s": init_s, "peak_rss_mb": memory_mb("VmHWM"),
+            "baseline_rss_mb": baseline}  # fmt: skip
 
 
 def in_subprocess(
@@ -233,6 +254,96 @@ def trainer_images_per_second(arch: str, batch: int, size: int, steps: int) -> f
         return record["images_per_second"]
 
 
+# The PyTorch tutorial's predict.py without its figure: the image through Resize(256),
+# CenterCrop(224), ToTensor and Normalize, the model from a .pth, every class's probability.
+TORCH_PREDICT = """
+import json, sys
+import torch, torchvision
+from PIL import Image
+from torchvision import transforms
+image, weights, class_indices, arch, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))
+transform = transforms.Compose([
+    transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+    transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+x = transform(Image.open(image).convert("RGB")).unsqueeze(0)
+with open(class_indices) as f:
+    classes = json.load(f)
+model = getattr(torchvision.models, arch)(num_classes=len(classes))
+model.load_state_dict(torch.load(weights, map_location="cpu"))
+model.eval()
+with torch.no_grad():
+    probs = torch.softmax(model(x).squeeze(0), dim=0)
+for i, p in enumerate(probs.tolist()):
+    print(f"class: {classes[str(i)]:10}   prob: {p:.3}")
+"""
+FLOWERS = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+
+
+def predict_files(arch: str, folder: Path) -> tuple[Path, Path, Path, Path]:
+    """A 500x375 JPEG, our weights (.msgpack with the class names) and a torchvision model's
+    .pth with the tutorial's class_indices.json, for a 5-class `arch`."""
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from resnet_jax.models.factory import create_model, init_variables
+    from resnet_jax.weights.io import save_variables
+    from resnet_jax.weights.metadata import ModelMetadata
+
+    image = folder / "image.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (375, 500, 3), np.uint8)
+    Image.fromarray(pixels).save(image, quality=90)
+    ours, theirs, indices = folder / f"{arch}.msgpack", folder / f"{arch}.pth", folder / "ci.json"
+    metadata = ModelMetadata.default(arch, len(FLOWERS))
+    metadata = dataclasses.replace(metadata, classes=FLOWERS)
+    save_variables(ours, init_variables(create_model(arch, num_classes=len(FLOWERS))), metadata)
+    torch.save(getattr(torchvision.models, arch)(num_classes=len(FLOWERS)).state_dict(), theirs)
+    indices.write_text(json.dumps({str(i): name for i, name in enumerate(FLOWERS)}))
+    return image, ours, theirs, indices
+
+
+# Runs a command and prints its wall seconds and peak RSS as JSON. A small process of its own
+# starts the command: a child spawned straight from this large one would report this process's
+# RSS as its peak (Linux carries the peak of the memory it replaced at exec into ru_maxrss).
+MEASURED_RUN = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024,
+                  "status": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def process_time_and_memory(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds of `cmd` from start to exit, and its peak RSS in MB."""
+    run = [sys.executable, "-c", MEASURED_RUN, *cmd]
+    out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if found["status"] != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {out.stderr[-2000:]}")
+    return found["seconds"], found["peak_rss_mb"]
+
+
+def predict_rows(arch: str) -> list[tuple[str, float, float, float]]:
+    """predict.py end to end, cold and warm compilation cache, against the tutorial's torch
+    predict.py work; the torch side's runs alternate with ours."""
+    with tempfile.TemporaryDirectory() as tmp:
+        image, ours, theirs, indices = predict_files(arch, Path(tmp))
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(Path(tmp, "cache"))}
+        our_cmd = [sys.executable, str(ROOT / "predict.py"), str(image), "--weights", str(ours)]
+        their_cmd = [sys.executable, "-c", TORCH_PREDICT, str(image), str(theirs), str(indices),
+                     arch, str(CORES)]  # fmt: skip
+        runs = [process_time_and_memory(cmd, env) for _ in range(2) for cmd in (our_cmd, their_cmd)]
+    (cold, _), (first, _), (warm, peak), (second, their_peak) = runs
+    return [
+        ("predict.py s (cold cache)", cold, first, 0),
+        ("predict.py s (warm cache)", warm, second, 0),
+        ("  predict.py peak RSS MB", peak, their_peak, 0),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -242,9 +353,13 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
     b, s, r = args.batch, args.image_size, args.repeats
     rows = []
     train = isolated_train_steps(arch, b, s, r, args.rounds)
-    rows.append(("train images/s", *(b / train[side] for side in TRAIN_SIDES[:3])))
-    kept = (b / train[side] for side in ("jax", "torch+kept", "torch-cl+kept"))
-    rows.append(("  torch malloc kept as ours", *kept))
+    same_malloc = ("jax", "torch+kept", "torch-cl+kept")
+    ips = {side: b / found["step_s"] for side, found in train.items()}
+    rss = {side: found["peak_rss_mb"] for side, found in train.items()}
+    rows.append(("train images/s", *(ips[side] for side in TRAIN_SIDES[:3])))
+    rows.append(("  images/s, malloc kept as ours", *(ips[side] for side in same_malloc)))
+    rows.append(("  train peak RSS MB", *(rss[side] for side in TRAIN_SIDES[:3])))
+    rows.append(("  same, malloc kept as ours", *(rss[side] for side in same_malloc)))
     for n in (args.batch, args.eval_batch):
         sides = [jax_predict(arch, n, s), torch_predict(arch, n, s, False)]
         sides.append(torch_predict(arch, n, s, True))
@@ -259,23 +374,24 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
             warm = in_subprocess(["--worker", "jax"], arch, b, s, cache)
         theirs = in_subprocess(["--worker", "torch"], arch, b, s, cache)
         first = theirs["steps_s"][0]
+        rows.append(("init s (create + variables)", cold["init_s"], theirs["init_s"], 0))
         rows.append(("first step s (cold cache)", cold["steps_s"][0], first, 0))
         rows.append(("first step s (warm cache)", warm["steps_s"][0], first, 0))
         rows.append(("second step s (cold process)", cold["steps_s"][1], theirs["steps_s"][1], 0))
-        rows.append(("train peak RSS MB", cold["peak_rss_mb"], theirs["peak_rss_mb"], 0))
+        rows.append(("  peak RSS MB (cold process)", cold["peak_rss_mb"], theirs["peak_rss_mb"], 0))
         rows.append(
             ("  RSS after imports MB", cold["baseline_rss_mb"], theirs["baseline_rss_mb"], 0)
         )
+        rows += predict_rows(arch)
         ips = trainer_images_per_second(arch, b, s, args.trainer_steps)
         rows.append(("train.py --synthetic images/s", ips, rows[0][2], rows[0][3]))
     return rows
 
 
 def print_table(arch: str, rows: list[tuple[str, float, float, float]]) -> None:
-    lower_is_better = ("latency", "step s", "RSS")
     for name, ours, eager, cl in rows:
         # Ratios are always "how many times better ours is": >1 means ours wins.
-        flip = any(k in name for k in lower_is_better)
+        flip = "images/s" not in name  # seconds, milliseconds, megabytes
         ratio = [(t / ours if flip else ours / t) if t else None for t in (eager, cl)]
         cells = [f"{v:10.{2 if v < 10 else 1}f}" if v else f"{'':>10}" for v in (ours, eager, cl)]
         ratios = [f"{x:8.2f}x" if x is not None else f"{'':>9}" for x in ratio]
