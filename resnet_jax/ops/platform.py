@@ -20,5 +20,7 @@ def cpu_or_default(cpu: Callable[..., Any], default: Callable[..., Any], *args: 
 
     Decided while tracing, not by `lax.platform_dependent`: autodiff linearizes and transposes
     both branches of its cond at every layer, half of a ResNet-50 train step's trace time.
+    So lowering for another platform from a CPU process (`jax.export`) takes the CPU path:
+    set RESNET_JAX_CONV=xla there.
     """
     return cpu(*args) if on_cpu() else default(*args)
