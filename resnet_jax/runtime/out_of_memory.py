@@ -4,9 +4,10 @@ Python sees most of it: MemoryError (numpy, and C++'s std::bad_alloc where a bin
 it), ENOMEM from the operating system, and XLA's RESOURCE_EXHAUSTED on CPU or GPU. What it
 cannot see is XLA failing inside C++ under an address-space limit (`ulimit -v`, `prlimit
 --as`): std::bad_alloc on a worker thread aborts the process, a failed thread creation is a
-fatal CHECK, an unchecked failed mapping a segmentation fault, libgomp and OpenBLAS exit. Under
-such a limit `supervise` therefore runs the command in a forked child and reports in the one
-line a child that ended without Python ending it.
+fatal CHECK, an unchecked failed mapping a segmentation fault, libgomp and OpenBLAS exit. Nor
+the kernel's OOM killer under a cgroup memory limit (a container, a batch job): SIGKILL. Under
+either limit `supervise` therefore runs the command in a forked child and reports in the one
+line a child that ended without Python ending it, or that the OOM killer ended.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import sys
 import warnings
 
+from resnet_jax.runtime import cgroup
 from resnet_jax.runtime.errors import UserError
 
 try:
@@ -61,13 +63,16 @@ def _mib(size: int) -> str:
 
 def _limit_clause() -> str:
     limit = address_space_limit()
-    return "" if limit is None else f" under the address-space limit of {_mib(limit)} (ulimit -v)"
+    if limit is not None:
+        return f" under the address-space limit of {_mib(limit)} (ulimit -v)"
+    limit = cgroup.memory_limit()
+    return "" if limit is None else f" under the memory limit of {_mib(limit)} (cgroup)"
 
 
 def out_of_memory_error(what: str, detail: str = "") -> UserError:
     """The one-line UserError for running out of memory; `what` names the run's sizes and what
     to lower, e.g. "training at --batch-size 4 and --image-size 32; lower either"."""
-    raise_it = ", or raise the limit" if address_space_limit() is not None else ""
+    raise_it = ", or raise the limit" if _limit_clause() else ""
     return UserError(f"Out of memory{_limit_clause()} {what}{raise_it}{detail}.")
 
 
@@ -104,13 +109,16 @@ def check_address_space() -> None:
 
 
 def supervise(what: str) -> int | None:
-    """Under an address-space limit, fork: the child gets None and runs the command, then calls
-    `finished`; the parent waits and returns the child's exit status, or 1 with
-    `out_of_memory_error(what)`'s line when the child ended before `finished` (a C++ abort, a
-    native library's exit). Without a limit: None, no fork."""
+    """Under an address-space or cgroup memory limit, fork: the child gets None and runs the
+    command, then calls `finished`; the parent waits and returns the child's exit status, or 1
+    with `out_of_memory_error(what)`'s line when the child ended before `finished` (a C++ abort,
+    a native library's exit) or the OOM killer ended it. Without a limit: None, no fork."""
     global _finished_fd
-    if address_space_limit() is None or os.environ.get(_CHILD_ENV) or not hasattr(os, "fork"):
+    if os.environ.get(_CHILD_ENV) or not hasattr(os, "fork"):
         return None
+    if address_space_limit() is None and cgroup.memory_limit() is None:
+        return None
+    oom_kills = cgroup.oom_kills()
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()  # not inherited by the child's own subprocesses
@@ -129,7 +137,7 @@ def supervise(what: str) -> int | None:
         return None
     os.close(write_end)
     try:
-        return _wait_for(pid, read_end, what)
+        return _wait_for(pid, read_end, what, oom_kills)
     finally:
         os.close(read_end)
 
@@ -144,8 +152,9 @@ def finished() -> None:
         _finished_fd = None
 
 
-def _wait_for(pid: int, finished_fd: int, what: str) -> int:
-    """The exit status of child `pid`, passing SIGTERM and SIGHUP on to it."""
+def _wait_for(pid: int, finished_fd: int, what: str, oom_kills: int | None) -> int:
+    """The exit status of child `pid`, passing SIGTERM and SIGHUP on to it; `oom_kills`: the
+    cgroup's count of OOM kills before the child started."""
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -162,6 +171,13 @@ def _wait_for(pid: int, finished_fd: int, what: str) -> int:
         ended_in_python = os.read(finished_fd, 1) == b"."
     except BlockingIOError:  # a grandchild holds the other end
         ended_in_python = False
+    killed_for_memory = (
+        code == -signal.SIGKILL and oom_kills is not None and (cgroup.oom_kills() or 0) > oom_kills
+    )
+    if killed_for_memory:
+        ended = out_of_memory_error(what, " (the kernel's OOM killer ended it)")
+        print(f"error: {ended}", file=sys.stderr)
+        return 1
     if ended_in_python or code == 0 or -code in _STOPS:
         return code if code >= 0 else 128 - code  # as a shell reports a killed command
     how = f"died of {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"

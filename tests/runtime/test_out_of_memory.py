@@ -1,6 +1,7 @@
 """resnet_jax.runtime.out_of_memory: which errors mean memory ran out, the start-up floor, and the
 supervised child whose abort still ends in the one line (in fresh processes: no JAX there)."""
 
+import contextlib
 import errno
 import os
 import shutil
@@ -8,10 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import pytest
 
+from resnet_jax.runtime import cgroup
 from resnet_jax.runtime import out_of_memory as oom
 from resnet_jax.runtime.errors import UserError
 from resnet_jax.runtime.files import atomic_write
@@ -31,6 +35,14 @@ def fail(message):
     raise UserError(message)
 
 sys.exit(run(lambda: eval(sys.argv[1]), "training at --batch-size 4 and --image-size 32; lower either", program=True))
+"""
+
+
+# Under no address-space limit: touches 1 GiB, which only the kernel's OOM killer can stop.
+CGROUP_SCRIPT = f"""
+import sys
+from resnet_jax.cli import run
+sys.exit(run(lambda: len(b"x" * (1 << 30)), "{SIZES}", program=True))
 """
 
 
@@ -61,7 +73,12 @@ def test_errors_that_mean_memory_ran_out():
 
 def test_the_line_names_the_limit_only_where_there_is_one(monkeypatch):
     monkeypatch.setattr(oom, "address_space_limit", lambda: None)
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: None)
     assert str(oom.out_of_memory_error(SIZES)) == f"Out of memory {SIZES}."
+    monkeypatch.setattr(cgroup, "memory_limit", lambda: 2 << 30)
+    assert str(oom.out_of_memory_error(SIZES)) == (
+        f"Out of memory under the memory limit of 2048 MiB (cgroup) {SIZES}, or raise the limit."
+    )
     monkeypatch.setattr(oom, "address_space_limit", lambda: 900 << 20)
     assert str(oom.out_of_memory_error(SIZES, " (it died of SIGABRT)")) == (
         f"Out of memory under the address-space limit of 900 MiB (ulimit -v) {SIZES}, or raise "
@@ -140,6 +157,46 @@ def test_the_supervisor_passes_sigterm_on_and_takes_its_child_along_when_killed(
             time.sleep(0.05)
         else:
             pytest.fail(f"child {child} outlived its supervisor ({sent.name})")
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A new cgroup v1 memory cgroup under this process's, limited to `limit` bytes: its
+    cgroup.procs file. Skips where none can be made (not root, cgroup v2's internal process
+    rule, no memory controller)."""
+    found = cgroup._hierarchy()
+    if found is None or found[1][0] != "memory":
+        pytest.skip("no cgroup v1 memory controller to make a limited cgroup in")
+    folder = found[0][0] / f"resnet_jax_test_{os.getpid()}"
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup: {e}")
+    with contextlib.suppress(OSError):  # no swap to escape into where there is swap
+        (folder / "memory.memsw.limit_in_bytes").write_text(str(limit))
+    try:
+        yield folder / "cgroup.procs"
+    finally:
+        for _ in range(100):  # its processes are gone once the OOM kill is reaped
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+                break
+            time.sleep(0.05)
+
+
+@LINUX
+def test_the_oom_killer_under_a_cgroup_limit_ends_in_the_one_line():
+    with memory_cgroup(300 << 20) as procs:
+        command = f"echo $$ > {procs} && exec {sys.executable} -c '{CGROUP_SCRIPT}'"
+        out = subprocess.run(
+            ["sh", "-c", command], check=False, capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"error: Out of memory under the memory limit of 300 MiB (cgroup) {SIZES}, or raise "
+        "the limit (the kernel's OOM killer ended it).\n"
+    )
 
 
 def _zombie(pid: int) -> bool:
