@@ -32,7 +32,10 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> Exception | None:
     thread = threading.Thread(target=fetch, daemon=True)
     thread.start()
     thread.join(timeout)
-    return errors[0] if errors else TimeoutError(f"no answer within {timeout:g} s")
+    # The socket's own timeout and this join end together; either way it is the same answer.
+    if not errors or isinstance(getattr(errors[0], "reason", errors[0]), TimeoutError):
+        return TimeoutError(f"no answer within {timeout:g} s")
+    return errors[0]
 
 
 def describe(error: Exception) -> str:
