@@ -128,6 +128,7 @@ class ResNet(nn.Module):
 
         x = end_of_stage(self._stem(x, conv, norm(0)), 0)
         scanned = scanned_stages(self.layers, self.scan)
+        self._check_layout(scanned)
         # XLA:CPU differentiates its own convolutions inside a loop through a path tens of
         # times slower than the same convolutions unrolled: there, scanned stages are unrolled.
         unroll = extension.convs_on_xla_cpu(self.dtype)
@@ -151,6 +152,20 @@ class ResNet(nn.Module):
         if not self.include_top:
             return x
         return self._head(jnp.mean(x, axis=(1, 2)), end_of_stage)
+
+    def _check_layout(self, scanned: dict[int, int]) -> None:
+        """A ValueError for variables with one entry per block (a file's layout) given to a
+        model that scans the blocks, in place of Flax's missing-collection error."""
+        for collection, tree in self.variables.items():
+            for stage in scanned:
+                if scan_name(stage) not in tree and f"layer{stage}_1" in tree:
+                    raise ValueError(
+                        f"This model runs layer{stage}'s repeated blocks scanned, with their "
+                        f"variables stacked under {collection}/{scan_name(stage)}, but these "
+                        f"have one entry per block (layer{stage}_1, ...): pass them through "
+                        "resnet_jax.stack_blocks(variables, model), or build the model with "
+                        "scan=False."
+                    )
 
     def _stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
         if self.stem == "cifar":

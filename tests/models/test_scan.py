@@ -77,6 +77,14 @@ def test_scanned_variables_are_stacked_and_start_as_the_unscanned_ones():
     assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, scanned)
 
 
+def test_a_files_layout_given_to_a_scanned_model_names_the_fix():
+    variables = init_variables(tiny(scan=False), jax.random.key(0), image_size=16)
+    with pytest.raises(ValueError, match=r"layer2_scan.*stack_blocks\(variables, model\)"):
+        tiny(scan=True).apply(variables, images())
+    scanned = stack_blocks(variables, tiny(scan=True))
+    assert tiny(scan=True).apply(scanned, images()).shape == (2, 3)
+
+
 @pytest.mark.parametrize(
     "fields",
     [
