@@ -17,7 +17,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.models.layers import conv_std, linear_bound
-from resnet_jax.models.scan import stack_blocks, unstack_blocks
+from resnet_jax.models.scan import stack_blocks
 
 if TYPE_CHECKING:
     from resnet_jax.models.resnet import ResNet
@@ -28,8 +28,22 @@ __all__ = ["init_variables", "variable_shapes"]
 def variable_shapes(model: ResNet, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} of `model` as `jax.ShapeDtypeStruct`s, traced, not compiled
     (the shapes do not depend on the image size)."""
+    return stack_blocks(_block_shapes(model, image_size), model)
+
+
+def _block_shapes(model: ResNet, image_size: int) -> dict:
+    """`variable_shapes` with one entry per block (torchvision's layout). A stage's blocks after
+    its first all have the shapes of its second, so only the first two of each are traced."""
+    short = model.clone(layers=tuple(min(depth, 2) for depth in model.layers), scan=False)
     image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(partial(model.init, train=False), jax.random.key(0), image)
+    shapes = jax.eval_shape(partial(short.init, train=False), jax.random.key(0), image)
+    out = {}
+    for collection, tree in shapes.items():
+        out[collection] = dict(tree)
+        for stage, depth in enumerate(model.layers, start=1):
+            for i in range(2, depth):
+                out[collection][f"layer{stage}_{i}"] = tree[f"layer{stage}_1"]
+    return out
 
 
 def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int = 32) -> dict:
@@ -42,7 +56,7 @@ def init_variables(model: ResNet, key: jax.Array | None = None, image_size: int 
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     seed = [int(word) for word in np.asarray(key, np.uint32).ravel()]
-    shapes = flatten_dict(unstack_blocks(variable_shapes(model, image_size)))
+    shapes = flatten_dict(_block_shapes(model, image_size))
     last_norms = _last_norms(shapes) if model.zero_init_residual else set()
     values = {}
     for path, shape in shapes.items():

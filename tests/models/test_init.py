@@ -20,10 +20,10 @@ def flat(tree) -> dict:
 
 @pytest.fixture(scope="module")
 def both():
-    """A small CIFAR-stem ResNet (zero-initialised residuals, option B, 7 classes, an appended
-    head) as `model.init` and as `init_variables` make it."""
+    """A small CIFAR-stem ResNet (a stage of 3 blocks, zero-initialised residuals, option B, 7
+    classes, an appended head) as `model.init` and as `init_variables` make it."""
     model = ResNet(
-        BasicBlock, (1, 2), planes=(32, 64), stem="cifar", num_classes=7, zero_init_residual=True,
+        BasicBlock, (1, 3), planes=(32, 64), stem="cifar", num_classes=7, zero_init_residual=True,
         head="append",
     )  # fmt: skip
     x = jnp.zeros((1, 32, 32, 3))
@@ -40,7 +40,7 @@ def test_same_variables_shapes_and_dtypes(both):
 def test_constants_are_the_modules(both):
     linen, ours = both
     constants = [p for p in linen if p.startswith("batch_stats") or "bn" in p.split("/")[-2]]
-    assert len(constants) == 4 * 8  # scale, bias, mean and var of its 8 BatchNorms
+    assert len(constants) == 4 * 10  # scale, bias, mean and var of its 10 BatchNorms
     for path in constants:
         np.testing.assert_array_equal(ours[path], linen[path], err_msg=path)
     assert not np.any(ours["params/layer2_0/bn2/scale"])  # zero_init_residual
