@@ -1,7 +1,7 @@
 """The ResNet paper's degradation experiment (He et al. 2015, figure 6) on CIFAR-10 JPEGs.
 
     python benchmarks/degradation.py --data-dir ../shared/data/cifar10-jpg --steps 400 \
-        --limit-val 1000                        # all four, one after another
+        --limit-val 1000 --zero-init-residual   # all four, one after another
     python benchmarks/degradation.py --data-dir DIR --archs plain20 plain56 --out /tmp/plain &
     python benchmarks/degradation.py --data-dir DIR --archs resnet20 resnet56 --out /tmp/res
     python benchmarks/degradation.py --plot-only /tmp/plain.json /tmp/res.json   # one figure
@@ -21,6 +21,10 @@ images), every `--log-every` iterations; test error is the validation error ever
 iterations. The curves go to OUT.json (after each architecture) and the paper's figure to
 OUT.png: a panel for the plain nets and one for the residual nets, dashed = training error,
 solid = test error.
+
+`--zero-init-residual` starts the residual nets' blocks as their shortcuts (torchvision's
+option): without it resnet56 stays near chance for its first ~250 iterations at lr 0.1, which
+a schedule of a few hundred iterations cannot spare. Plain nets have no shortcut to start as.
 """
 
 from __future__ import annotations
@@ -68,8 +72,17 @@ from resnet_jax.training.transfer import initial_variables
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("plain20", "plain56", "resnet20", "resnet56")
 COLORS = {20: "tab:orange", 56: "tab:red"}
-SETTINGS = ("steps", "batch_size", "lr", "milestones", "warmup_steps", "limit_train", "limit_val",
-            "seed")
+SETTINGS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "milestones",
+    "warmup_steps",
+    "zero_init_residual",
+    "limit_train",
+    "limit_val",
+    "seed",
+)
 
 
 def paper_config(arch: str, args: argparse.Namespace) -> TrainConfig:
@@ -132,13 +145,19 @@ def endless(loader: Loader, dp: DataParallel) -> Iterator[dict]:
 
 
 def initial_state(
-    config: TrainConfig, num_classes: int, steps_per_epoch: int, dp: DataParallel
+    config: TrainConfig,
+    num_classes: int,
+    steps_per_epoch: int,
+    dp: DataParallel,
+    zero_init_residual: bool = False,
 ) -> tuple[Any, Callable]:
     """The train state at step 0 and the compiled train step, as the trainer builds them from
-    `config`."""
+    `config` (`zero_init_residual` for residual nets only: a plain block has no shortcut)."""
     length = run_length(config, steps_per_epoch)
     frozen = frozen_stages(config.freeze, config.head)
-    model = create_model(config.arch, num_classes=num_classes, frozen_stages=frozen)
+    zero = zero_init_residual and get_architecture(config.arch).residual
+    model = create_model(config.arch, num_classes=num_classes, frozen_stages=frozen,
+                         zero_init_residual=zero)  # fmt: skip
     tx = make_run_optimizer(config, run_schedule(config, length), frozen)
     variables, _ = initial_variables(model, config.arch, "none", config.seed)
     make_state = jax.jit(partial(create_state, model.apply, tx), out_shardings=dp.replicated)
@@ -154,7 +173,9 @@ def train_curves(arch: str, args: argparse.Namespace) -> dict:
     """Train `arch` for `args.steps` iterations: its training and test error curves."""
     config, dp = paper_config(arch, args), DataParallel()
     train_loader, val_loader, num_classes = loaders(config, args)
-    state, train_step = initial_state(config, num_classes, len(train_loader), dp)
+    state, train_step = initial_state(
+        config, num_classes, len(train_loader), dp, args.zero_init_residual
+    )
     eval_step = dp.jit_eval_step(get_architecture(arch).transform)
 
     def test_error(state) -> float:
@@ -200,10 +221,13 @@ def draw(result: dict, png: Path) -> None:
                 x, y = np.asarray(curve[kind]).T
                 label = f"{title}-{depth}" if kind == "test" else None
                 ax.plot(x, y, style, color=COLORS.get(depth), label=label, linewidth=1.2)
-        ax.set(title=f"{title} (dashed: training, solid: test)", xlabel="iterations")
+        zero = family == "resnet" and result.get("zero_init_residual")
+        label = f"{title}, zero-init residual" if zero else title
+        ax.set(title=label, xlabel="iterations")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
+    figure.suptitle("dashed: training error, solid: test error", fontsize="medium")
     panels[0].set_ylabel("error (%)")
     panels[0].set_ylim(0, min(100, 5 + max(
         max(p[1] for p in c["train"][1:] + c["test"][1:]) for c in result["curves"].values()
@@ -216,7 +240,8 @@ def merge(results: list[dict]) -> dict:
     two processes at once."""
     first = results[0]
     for other in results[1:]:
-        differ = [k for k in SETTINGS if other.get(k) != first.get(k)]
+        differ = [k for k in SETTINGS if k in shaping(other) & shaping(first)
+                  and other.get(k) != first.get(k)]  # fmt: skip
         if differ:
             raise SystemExit(f"error: the runs differ in {', '.join(differ)}; merge runs with "
                              "the same settings only.")  # fmt: skip
@@ -224,7 +249,14 @@ def merge(results: list[dict]) -> dict:
         return first
     curves = {arch: c for r in results for arch, c in r["curves"].items()}
     per_run = {k: [r.get(k) for r in results] for k in ("command", "seconds")}
-    return {**first, **per_run, "curves": curves}
+    zero = any(r.get("zero_init_residual") for r in results)
+    return {**first, **per_run, "zero_init_residual": zero, "curves": curves}
+
+
+def shaping(result: dict) -> set[str]:
+    """The SETTINGS that shape `result`'s curves: `zero_init_residual` only with a residual net."""
+    residual = any(get_architecture(arch).residual for arch in result["curves"])
+    return set(SETTINGS) if residual else set(SETTINGS) - {"zero_init_residual"}
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -338,6 +370,12 @@ def parse_args() -> argparse.Namespace:
         type=int,
         help="every net starts at lr / 10 for this many iterations, as the paper's resnet110 "
         "(default: the recipe's, none for these depths)",
+    )
+    p.add_argument(
+        "--zero-init-residual",
+        action="store_true",
+        help="residual nets start each block's last BatchNorm scale at 0, so that every block "
+        "starts as its shortcut (torchvision's option; plain nets are unchanged)",
     )
     p.add_argument("--log-every", type=int, default=10, help="iterations per training error point")
     p.add_argument("--eval-every", type=int, default=50, help="iterations per test error point")
