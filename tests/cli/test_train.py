@@ -197,15 +197,17 @@ def test_kill_9_then_resume(reference, data, env, tmp_path, moment):
     """Killed during the first checkpoint write or in epoch 2 (the run says when it got there,
     on stdout), a resumed run ends as the uninterrupted one."""
     args = [*TINY_ARGS, "--data-dir", str(data), "--epochs", "2", "--output-dir", str(tmp_path)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STOP, moment, *args], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    with open(tmp_path / "stderr.log", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STOP, moment, *args], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
     guard = threading.Timer(240, proc.kill)  # a run that never gets there fails, not hangs
     guard.start()
     stopped = any(line == "stopped\n" for line in proc.stdout)  # or the end of the output
     guard.cancel()
-    assert stopped and proc.poll() is None, "the run ended before the moment to kill it"
+    stderr_tail = (tmp_path / "stderr.log").read_text()[-4000:]
+    assert stopped and proc.poll() is None, f"the run ended before the kill: {stderr_tail}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
