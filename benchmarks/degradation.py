@@ -240,8 +240,8 @@ def merge(results: list[dict]) -> dict:
     two processes at once."""
     first = results[0]
     for other in results[1:]:
-        differ = [k for k in SETTINGS if k in shaping(other) & shaping(first)
-                  and other.get(k) != first.get(k)]  # fmt: skip
+        shared = shaping(other) & shaping(first)
+        differ = [k for k in SETTINGS if k in shared and other.get(k) != first.get(k)]
         if differ:
             raise SystemExit(f"error: the runs differ in {', '.join(differ)}; merge runs with "
                              "the same settings only.")  # fmt: skip

@@ -72,8 +72,9 @@ def _limit_clause() -> str:
 def out_of_memory_error(what: str, detail: str = "") -> UserError:
     """The one-line UserError for running out of memory; `what` names the run's sizes and what
     to lower, e.g. "training at --batch-size 4 and --image-size 32; lower either"."""
-    raise_it = ", or raise the limit" if _limit_clause() else ""
-    return UserError(f"Out of memory{_limit_clause()} {what}{raise_it}{detail}.")
+    limit = _limit_clause()
+    raise_it = ", or raise the limit" if limit else ""
+    return UserError(f"Out of memory{limit} {what}{raise_it}{detail}.")
 
 
 def is_out_of_memory(error: BaseException | None) -> bool:
