@@ -117,6 +117,11 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """NHWC images -> logits (float32; float64 for float64 compute), or the last stage's
         feature map if `include_top=False`."""
+        if self.zero_init_residual and not self.residual:
+            raise ValueError(
+                "zero_init_residual starts each block as its shortcut, and a plain network "
+                "(residual=False) has none: it would zero every block's output; leave it False."
+            )
         conv = partial(Conv, dtype=self.dtype)
 
         def norm(stage: int) -> ModuleDef:

@@ -86,6 +86,11 @@ def test_plain_blocks_add_no_shortcut():
         block_output("C", x)
 
 
+def test_zero_init_residual_is_refused_for_plain_networks():
+    with pytest.raises(ValueError, match="plain network .* has none"):
+        init_variables(resnet_jax.plain20(zero_init_residual=True))
+
+
 def test_factories_build_the_registrys_networks():
     model = resnet_jax.resnet1202()
     assert isinstance(model, ResNet) and model.layers == (200, 200, 200)
