@@ -1,5 +1,5 @@
-"""Builds the optional CPU extension (csrc/, see resnet_jax/ops/extension.py): oneDNN convolutions and
-BatchNorm's sums.
+"""Builds the optional CPU extension (csrc/, see resnet_jax/ops/extension.py): oneDNN convolutions,
+BatchNorm's sums and a fused Adam.
 
 The headers come from the build requirements in pyproject.toml (jax for XLA's FFI API,
 onednn-devel-cpu-gomp for oneDNN). Where they are missing or the compiler fails, the package
@@ -35,13 +35,18 @@ def onednn_extension() -> list[Extension]:
         return []
     extension = Extension(
         "resnet_jax.ops._cpu_kernels",
-        ["csrc/onednn_conv.cc", "csrc/batch_norm.cc"],
+        ["csrc/onednn_conv.cc", "csrc/batch_norm.cc", "csrc/adam.cc"],
         include_dirs=[jax.ffi.include_dir(), str(header.parents[2])],
         library_dirs=[str(library.parent)],
         libraries=["dnnl"],
         # XLA's FFI headers trip these two warnings in g++ 12; they are not ours. OpenMP: the
         # BatchNorm sums share GNU OpenMP's threads with oneDNN (the gomp build).
-        extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-Wno-return-type", "-Wno-attributes"],
+        # No FMA contraction and no errno from sqrt: csrc/adam.cc rounds as optax does, and
+        # vectorises.
+        extra_compile_args=[
+            "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+            "-Wno-return-type", "-Wno-attributes",
+        ],  # fmt: skip
         extra_link_args=["-fopenmp"],
         language="c++",
         optional=True,

@@ -1,10 +1,10 @@
-"""The optional compiled CPU extension via jax.ffi: oneDNN convolutions (csrc/onednn_conv.cc)
-and BatchNorm's per-channel sums (csrc/batch_norm.cc).
+"""The optional compiled CPU extension via jax.ffi: oneDNN convolutions (csrc/onednn_conv.cc),
+BatchNorm's per-channel sums (csrc/batch_norm.cc) and Adam's update (csrc/adam.cc).
 
 `pip install -e .` builds `resnet_jax/ops/_cpu_kernels*.so` when a C++ compiler and the oneDNN
 wheels are there; without it everything runs on XLA's own operations. RESNET_JAX_CONV=xla or
 =onednn forces a path (A/B runs, tests); by default the extension runs float32 convolutions and
-training-mode BatchNorm on CPU when it is built. Other platforms and dtypes take XLA's path.
+training-mode BatchNorm on CPU (and Adam's update, `training.fused_adam`) when it is built. Other platforms and dtypes take XLA's path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from resnet_jax.runtime.errors import UserError
 
 __all__ = [
     "CONV_ENV",
+    "adam_update",
     "available",
     "batch_norm",
     "batch_norm_train",
@@ -76,6 +77,8 @@ def _load() -> str | None:
     for name in ("Moments", "GradSums"):
         handler = jax.ffi.pycapsule(getattr(library, f"BatchNorm{name}"))
         jax.ffi.register_ffi_target(f"resnet_jax_batch_norm_{name}", handler, platform="cpu")
+    handler = jax.ffi.pycapsule(library.AdamUpdate)
+    jax.ffi.register_ffi_target("resnet_jax_adam_update", handler, platform="cpu")
     return None
 
 
@@ -204,3 +207,33 @@ def batch_norm(
     return cpu_or_default(
         lambda x, scale, bias: batch_norm_train(x, scale, bias, epsilon), fallback, x, scale, bias
     )
+
+
+ADAM_DECAY = {None: 0, "gradient": 1, "update": 2}  # csrc/adam.cc's Decay
+
+
+def adam_update(
+    scalars: jax.Array,
+    grads: list[jax.Array],
+    mu: list[jax.Array],
+    nu: list[jax.Array],
+    params: list[jax.Array],
+    decay: str | None,
+    apply: bool,
+) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
+    """(updates, or new parameters with `apply`; new mu; new nu) of float32 arrays, in one call.
+
+    `scalars` holds the step's constants in csrc/adam.cc's `Scalars` order; `decay` adds the
+    weight decay to the gradient (Adam) or to the update (AdamW). The moments are updated in
+    place, and so are the gradients (into updates) or the parameters (with `apply`).
+    """
+    n = len(grads)
+    like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in grads]
+    # Argument 0 is `scalars`; the outputs are (out, mu, nu), each n long.
+    overwritten = 1 + 3 * n if apply else 1
+    aliases = {overwritten + k: k for k in range(n)}
+    aliases |= {1 + n + k: n + k for k in range(n)} | {1 + 2 * n + k: 2 * n + k for k in range(n)}
+    call = jax.ffi.ffi_call("resnet_jax_adam_update", like * 3, input_output_aliases=aliases)
+    out = call(scalars, *grads, *mu, *nu, *params, decay=np.int64(ADAM_DECAY[decay]),
+               apply=np.int64(apply))  # fmt: skip
+    return out[:n], out[n : 2 * n], out[2 * n :]
