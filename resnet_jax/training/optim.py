@@ -17,6 +17,7 @@ import optax
 
 from resnet_jax.models.resnet import FC_STAGE
 from resnet_jax.runtime.errors import check_choice
+from resnet_jax.training import fused_adam
 
 __all__ = [
     "FREEZE", "OPTIMIZERS", "SCHEDULES", "WARMUPS", "frozen_stages", "make_optimizer",
@@ -29,10 +30,11 @@ FREEZE = {"none": -1, "layer1": 1, "layer2": 2, "layer3": 3, "backbone": 4}
 MOMENTUM = 0.9  # torch.optim.SGD's momentum in torchvision's recipes and the ResNet paper
 
 # name -> (learning rate, weight decay) -> transformation. Adam and SGD add the decay to the
-# gradient (L2, as torch.optim.Adam and SGD do); AdamW decouples it.
+# gradient (L2, as torch.optim.Adam and SGD do); AdamW decouples it. Adam and AdamW are optax's,
+# with their update in one call of the CPU extension where it is built (`fused_adam`).
 OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]] = {
-    "adam": lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.adam(lr)),
-    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
+    "adam": fused_adam.adam,
+    "adamw": fused_adam.adamw,
     "sgd": lambda lr, wd: optax.chain(
         optax.add_decayed_weights(wd), optax.sgd(lr, momentum=MOMENTUM)
     ),

@@ -26,6 +26,7 @@ from resnet_jax.models.preprocess import eval_logits, normalize
 from resnet_jax.models.registry import IMAGENET_EVAL, EvalTransform
 from resnet_jax.training.batch_augment import BatchAugment, augment_batch, mixed_targets
 from resnet_jax.training.ema import EmaSchedule, maybe_update
+from resnet_jax.training.fused_adam import apply_update
 
 __all__ = [
     "Batch", "StepOptions", "Totals", "TrainState", "confusion_counts", "create_state",
@@ -43,6 +44,12 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     ema: Any = None
+
+    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+        """One optimizer step (the parameters in the same call where the optimizer can:
+        `fused_adam.apply_update`); `kwargs` replace other fields."""
+        params, opt_state = apply_update(self.tx, grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
