@@ -1,8 +1,9 @@
 // Adam's update of every parameter array in one XLA FFI call (see resnet_jax/training/fused_adam.py).
 //
 // optax's Adam is three elementwise passes per array (first moment, second moment, update),
-// which XLA:CPU compiles as three kernels each: 330 of the 563 kernels of a ResNet-34 train
-// step. One call does the same arithmetic for all of them, one pass over each array.
+// which XLA:CPU compiles as loops of their own: with the parameters' update, 294 of the 567
+// fusions of a ResNet-34 train step. One call does the same arithmetic for all arrays, one pass
+// over each.
 
 #include <omp.h>
 
