@@ -35,7 +35,9 @@ torch gets as many threads as JAX has cores.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -76,6 +78,16 @@ def memory_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def release_kept_memory() -> None:
+    """Give the memory this process's evaluations kept (malloc set up as train.py's) back to the
+    system. A parent holding 4.4 GB of it made its child processes' steps twice as long, on both
+    sides (ResNet-50's first step 14.5 s and torch's 7.8 s, against 8.7 s and 4.4 s once released;
+    benchmarks/RESULTS.md)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +379,8 @@ def bench_arch(arch: str, args: argparse.Namespace) -> list[tuple[str, float, fl
     sides = [jax_predict(arch, 1, s), torch_predict(arch, 1, s, False)]
     sides.append(torch_predict(arch, 1, s, True))
     rows.append(("b1 latency ms", *(1e3 * t for t in timed(sides, 4 * r))))
+    del sides
+    release_kept_memory()
 
     if not args.skip_subprocess:
         with tempfile.TemporaryDirectory() as cache:
