@@ -86,8 +86,9 @@ def release_kept_memory() -> None:
     sides (ResNet-50's first step 14.5 s and torch's 7.8 s, against 8.7 s and 4.4 s once released;
     benchmarks/RESULTS.md)."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).malloc_trim(0)
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------
