@@ -3,8 +3,9 @@ BatchNorm's per-channel sums (csrc/batch_norm.cc) and Adam's update (csrc/adam.c
 
 `pip install -e .` builds `resnet_jax/ops/_cpu_kernels*.so` when a C++ compiler and the oneDNN
 wheels are there; without it everything runs on XLA's own operations. RESNET_JAX_CONV=xla or
-=onednn forces a path (A/B runs, tests); by default the extension runs float32 convolutions and
-training-mode BatchNorm on CPU (and Adam's update, `training.fused_adam`) when it is built. Other platforms and dtypes take XLA's path.
+=onednn forces a path (A/B runs, tests); by default the extension runs float32 convolutions,
+training-mode BatchNorm and Adam's update (`training.fused_adam`) on CPU when it is built. Other
+platforms and dtypes take XLA's path.
 """
 
 from __future__ import annotations
