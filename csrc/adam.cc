@@ -38,14 +38,14 @@ struct Scalars {
       weight_decay;
 };
 
-// Elements [begin, end) of one array. out = the update, or the new parameter with `apply`.
-// Each line is one of optax's operations as XLA:CPU runs them: it multiplies by the bias
-// corrections' reciprocals rather than dividing. XLA may also contract a multiply-add into an
-// FMA, which this code never does (-ffp-contract=off), so results can differ in the last bit.
 // Where the weight decay goes: optax skips it when it is 0, Adam adds it to the gradient (L2),
 // AdamW to the update.
 enum Decay : int64_t { kNone = 0, kGradient = 1, kUpdate = 2 };
 
+// Elements [begin, end) of one array. out = the update, or the new parameter with `apply`.
+// Each line is one of optax's operations as XLA:CPU runs them: it multiplies by the bias
+// corrections' reciprocals rather than dividing. XLA may also contract a multiply-add into an
+// FMA, which this code never does (-ffp-contract=off), so results can differ in the last bit.
 template <int64_t decay, bool apply>
 WITH_AVX2_CLONE void Update(const Scalars& s, const float* __restrict__ g, const float* mu,
                             const float* nu, const float* p, float* out, float* new_mu,
@@ -66,9 +66,6 @@ WITH_AVX2_CLONE void Update(const Scalars& s, const float* __restrict__ g, const
   }
 }
 
-// Arguments: scalars, then n gradients, n first moments, n second moments, n parameters.
-// Results: n updates (or new parameters), n first moments, n second moments. The moments and
-// parameters may alias their results: each element is read before it is written.
 using UpdateFn = void (*)(const Scalars&, const float*, const float*, const float*, const float*,
                          float*, float*, float*, int64_t, int64_t);
 
@@ -77,6 +74,9 @@ UpdateFn Pick(bool apply) {
   return apply ? Update<decay, true> : Update<decay, false>;
 }
 
+// Arguments: scalars, then n gradients, n first moments, n second moments, n parameters.
+// Results: n updates (or new parameters), n first moments, n second moments. The moments and
+// parameters may alias their results: each element is read before it is written.
 ffi::Error Adam(F32 scalars, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t decay,
                 int64_t apply) {
   const size_t n = args.size() / 4;
@@ -94,12 +94,13 @@ ffi::Error Adam(F32 scalars, ffi::RemainingArgs args, ffi::RemainingRets rets, i
     int64_t size;
   };
   std::vector<Array> arrays(n);
+  auto in = [&](size_t i) { return args.get<F32>(i).value(); };
+  auto out = [&](size_t i) { return rets.get<F32>(i).value()->typed_data(); };
   for (size_t k = 0; k < n; ++k) {
-    auto in = [&](size_t i) { return args.get<F32>(i).value().typed_data(); };
-    auto out = [&](size_t i) { return rets.get<F32>(i).value(); };
-    arrays[k] = {in(k), in(n + k), in(2 * n + k), in(3 * n + k),
-                 out(k)->typed_data(), out(n + k)->typed_data(), out(2 * n + k)->typed_data(),
-                 static_cast<int64_t>(args.get<F32>(k).value().element_count())};
+    const F32 grad = in(k);
+    arrays[k] = {grad.typed_data(), in(n + k).typed_data(), in(2 * n + k).typed_data(),
+                 in(3 * n + k).typed_data(), out(k), out(n + k), out(2 * n + k),
+                 static_cast<int64_t>(grad.element_count())};
   }
   // Work in chunks of 64k elements over all arrays, so that the many small arrays (BatchNorm)
   // and the few large ones (layer4's kernels) spread evenly over the threads.
